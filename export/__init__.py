@@ -1,0 +1,1 @@
+"""ONNX export: component graphs, buckets, bundles with a manifest (``mordasr-export``)."""

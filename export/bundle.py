@@ -1,0 +1,96 @@
+"""Write a bundle: one ONNX graph per component (per bucket for folded) and ``manifest.json``.
+
+The bundle is assembled in a temporary sibling folder and renamed into place at the end, so an
+interrupted export never leaves a half-written bundle where the runtime would find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from mordasr import __version__
+from mordasr.errors import MordasrError
+from mordasr.export.graphs import (DecoderGraph, EncoderGraph, RouterGraph, UNetGraph,
+                                   component_specs, example_inputs, lr_multiple)
+from mordasr.export.onnx_export import DEFAULT_OPSET, export_onnx, io_specs
+from mordasr.model import OneStepSR
+from mordasr.model.inject import fold_adapters
+from mordasr.runtime.manifest import MODES, Bucket, GraphSpec, Manifest, TensorSpec, sha256_file
+from mordasr.runtime.routing import BUCKET_RULE
+
+log = logging.getLogger(__name__)
+
+
+def _graph_jobs(model: OneStepSR, mode: str, buckets: list[Bucket]):
+    """(component, bucket, file name, module) for every graph of the bundle, in export order."""
+    yield "router", None, "router.onnx", RouterGraph(model)
+    if mode == "gated":
+        yield "encoder", None, "encoder.onnx", EncoderGraph(model, gated=True)
+        yield "unet", None, "unet.onnx", UNetGraph(model, gated=True)
+    else:
+        import torch
+
+        for b in buckets:
+            folded = fold_adapters(model, torch.tensor(b.centre))
+            yield "encoder", b.index, f"encoder.b{b.index}.onnx", EncoderGraph(folded, gated=False)
+            yield "unet", b.index, f"unet.b{b.index}.onnx", UNetGraph(folded, gated=False)
+    yield "decoder", None, "decoder.onnx", DecoderGraph(model)
+
+
+def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bucket], *,
+                  opset: int = DEFAULT_OPSET, slim: bool = True, force: bool = False,
+                  source: dict | None = None, random_weights: bool = False,
+                  on_graph: Callable[[str], None] | None = None) -> Manifest:
+    if mode not in MODES:
+        raise MordasrError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not model.has_adapters:
+        raise MordasrError("the model has no adapters: export an adapted checkpoint (mordasr-train)")
+    if not buckets:
+        raise MordasrError("at least one bucket is needed")
+    out = Path(out)
+    if out.exists() and not force:
+        raise MordasrError(f"{out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    gated = mode == "gated"
+    specs = component_specs(model, gated)
+    multiple = lr_multiple(model)
+    trace_side = max(16, 2 * multiple)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = []
+        for component, bucket, file, module in _graph_jobs(model, mode, buckets):
+            args = example_inputs(model, component, gated, lr_size=trace_side)
+            onnx_model = export_onnx(module, args, specs[component], tmp / file, opset, slim)
+            if on_graph:
+                on_graph(file)
+            inputs, outputs = io_specs(onnx_model)
+            graphs.append(GraphSpec(component, bucket, file, sha256_file(tmp / file),
+                                    [TensorSpec(**t) for t in inputs], [TensorSpec(**t) for t in outputs]))
+        cfg = model.config
+        manifest = Manifest(
+            preset=cfg.preset, adapter=cfg.adapter.kind, mode=mode, precision="fp32",
+            scale=cfg.scale, lr_multiple=multiple, router_image_size=cfg.router_image_size,
+            degradations=[{"name": n, "positive": p, "negative": q} for n, p, q in cfg.prompts],
+            temperature=cfg.temperature,
+            scheduler={"timestep": model.schedule.timestep,
+                       "sqrt_alpha_prod": model.schedule.sqrt_alpha_prod,
+                       "sqrt_one_minus_alpha_prod": model.schedule.sqrt_one_minus_alpha_prod,
+                       "latent_scale": cfg.latent_scale},
+            buckets=buckets, bucket_rule=BUCKET_RULE, graphs=graphs,
+            random_weights=random_weights, source=dict(source or {}, opset=opset),
+            mordasr_version=__version__)
+        manifest.write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s bundle with %d graphs to %s", mode, len(graphs), out)
+    return manifest

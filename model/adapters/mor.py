@@ -1,0 +1,66 @@
+"""Mixture of Ranks: each rank-1 pair ``B_i A_i`` is an expert.
+
+``r_shared`` ranks always fire. A per-layer router maps the degradation scores ``s`` (N, D) to
+logits over ``r_routed`` experts plus ``n_zero`` zero slots; the top-k slots are kept and their
+softmax probabilities renormalised over the k kept slots. A kept zero slot contributes nothing,
+so a clean image activates fewer ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mordasr.model.adapters.base import AdapterLayer, RoutingContext
+
+
+class MoRLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, *, r_shared: int, r_routed: int, top_k: int,
+                 n_zero: int, num_scores: int, alpha: float | None,
+                 routing: RoutingContext) -> None:
+        super().__init__(base_layer, r_shared + r_routed, alpha, routing)
+        self.r_shared = r_shared
+        self.r_routed = r_routed
+        self.top_k = top_k
+        self.n_zero = n_zero
+        self.router = nn.Linear(num_scores, r_routed + n_zero)
+        nn.init.normal_(self.router.weight, std=0.5)
+        nn.init.zeros_(self.router.bias)
+        # (probs, kept) of the last routed batch, read by the load-balancing loss.
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot_probabilities(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the routed + zero slots, and the mask of the top-k kept slots."""
+        probs = torch.softmax(self.router(scores), dim=-1)
+        # Threshold at the k-th largest probability instead of scattering top-k indices: the
+        # exported graph then holds TopK(constant k) + comparison, which TensorRT runs well.
+        kth = torch.topk(probs, self.top_k, dim=-1).values[..., -1:]
+        kept = probs >= kth
+        return probs, kept
+
+    def gate(self, scores: torch.Tensor) -> torch.Tensor:
+        probs, kept = self.slot_probabilities(scores)
+        if self.training:
+            self.last_routing = (probs, kept)
+        chosen = probs * kept
+        chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        routed = chosen[..., : self.r_routed]
+        shared = torch.ones(scores.shape[0], self.r_shared, dtype=probs.dtype, device=probs.device)
+        return torch.cat([shared, routed], dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"r_shared={self.r_shared}, r_routed={self.r_routed}, top_k={self.top_k}, "
+                f"n_zero={self.n_zero}, scaling={self.scaling:g}")
+
+
+class MoRLinear(MoRLayer):
+    """Mixture of Ranks on an ``nn.Linear``."""
+
+
+class MoRConv2d(MoRLayer):
+    """Mixture of Ranks on an ``nn.Conv2d``."""
+
+
+def active_ranks(gate: torch.Tensor) -> torch.Tensor:
+    """Number of ranks that spend compute for each gate vector (..., rank)."""
+    return (gate != 0).sum(dim=-1)

@@ -1,0 +1,69 @@
+"""Degradation estimator: a CLIP image tower scored against stored text-embedding pairs.
+
+For each dimension i with embeddings (t_pos, t_neg) and image embedding e (all L2-normalised):
+``c = temperature * cos(e, t)``, ``s_i = exp(c_neg) / (exp(c_pos) + exp(c_neg))``.
+The text embeddings are computed once (from the CLIP text tower for real weights) and stored,
+so neither this module's export nor the runtime ever runs a text encoder.
+
+The ``tiny`` preset has no pretrained CLIP offline: its small open_clip vision tower and its
+"text" embeddings are fitted together to the known parameters of synthetic degradations
+(see ``mordasr.training.degrade.target_scores``), so its scores mean the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# open_clip's normalisation constants (OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DegradationEstimator(nn.Module):
+    def __init__(self, visual: nn.Module, text_embeddings: torch.Tensor, temperature: float,
+                 image_size: int, trainable_text: bool = False) -> None:
+        super().__init__()
+        if text_embeddings.dim() != 3 or text_embeddings.shape[1] != 2:
+            raise ValueError("text_embeddings must have shape (D, 2, E): (positive, negative) pairs")
+        self.visual = visual
+        if trainable_text:
+            self.text_embeddings = nn.Parameter(text_embeddings.clone())
+        else:
+            self.register_buffer("text_embeddings", text_embeddings.clone())
+        self.temperature = temperature
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Scores (N, D) in [0, 1] for images (N, 3, S, S) in [0, 1] at the router size."""
+        x = (image - self.mean) / self.std
+        emb = F.normalize(self.visual(x), dim=-1)
+        text = F.normalize(self.text_embeddings, dim=-1)
+        cos = torch.einsum("ne,dpe->ndp", emb, text) * self.temperature
+        return torch.softmax(cos, dim=-1)[..., 1]
+
+    @staticmethod
+    def view(image: torch.Tensor, size: int) -> torch.Tensor:
+        """Resize low-resolution images (N, 3, h, w) to the router's square input."""
+        return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False,
+                             antialias=True).clamp(0, 1)
+
+
+def build_vision_tower(embed_dim: int, vision_cfg: dict) -> nn.Module:
+    from open_clip.model import _build_vision_tower
+
+    return _build_vision_tower(embed_dim, vision_cfg)
+
+
+def text_embeddings_from_clip(clip_model: nn.Module, tokenizer,
+                              prompts: Sequence[tuple[str, str, str]]) -> torch.Tensor:
+    """Encode every (positive, negative) prompt once with an open_clip model: (D, 2, E)."""
+    texts = [p for _, pos, neg in prompts for p in (pos, neg)]
+    with torch.no_grad():
+        emb = clip_model.encode_text(tokenizer(texts))
+    return emb.reshape(len(prompts), 2, -1).float()

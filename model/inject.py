@@ -1,0 +1,76 @@
+"""Put adapter layers on target modules by name suffix (OSEDiff's placement), and take them off."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from mordasr.model.adapters import (AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLinear,
+                                    RoutingContext)
+from mordasr.model.config import AdapterConfig
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def make_adapter(base: nn.Module, config: AdapterConfig, num_scores: int,
+                 routing: RoutingContext) -> AdapterLayer:
+    is_conv = isinstance(base, nn.Conv2d)
+    if config.kind == "lora":
+        cls = LoRAConv2d if is_conv else LoRALinear
+        return cls(base, config.rank, config.alpha, routing)
+    cls = MoRConv2d if is_conv else MoRLinear
+    return cls(base, r_shared=config.r_shared, r_routed=config.r_routed, top_k=config.top_k,
+               n_zero=config.n_zero, num_scores=num_scores, alpha=config.alpha, routing=routing)
+
+
+def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConfig,
+                    num_scores: int, routing: RoutingContext) -> list[str]:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` under ``root`` whose name ends with a target.
+
+    Returns the names of the adapted modules. Grouped convolutions are left alone.
+    """
+    targets = tuple(targets)
+    adapted = []
+    for name, module in list(root.named_modules()):
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, make_adapter(module, config, num_scores, routing))
+        adapted.append(name)
+    if not adapted:
+        raise ValueError(f"no module matched the adapter targets {targets}")
+    return adapted
+
+
+def adapter_layers(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def fold_adapters(root: nn.Module, scores: torch.Tensor) -> nn.Module:
+    """A copy of ``root`` whose adapters are merged for one score vector (D,) and removed.
+
+    The result has exactly the base architecture (plain ``nn.Linear``/``nn.Conv2d`` with the
+    base module names), which is what a folded engine holds.
+    """
+    folded = copy.deepcopy(root)
+    scores = scores.reshape(1, -1)
+    for name, layer in list(adapter_layers(folded)):
+        with torch.no_grad():
+            gate = layer.gate(scores.to(layer.base_layer.weight.dtype))[0]
+        layer.merge(gate)
+        parent_name, _, child = name.rpartition(".")
+        parent = folded.get_submodule(parent_name) if parent_name else folded
+        setattr(parent, child, layer.base_layer)
+    return folded

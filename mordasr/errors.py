@@ -1,0 +1,17 @@
+"""Errors shared by every command. Each carries a one-line message meant for the user."""
+
+
+class MordasrError(Exception):
+    """Base class: ``str(err)`` is a one-line reason that a CLI prints as is."""
+
+
+class BundleError(MordasrError):
+    """A bundle is missing, incomplete, corrupted or from an incompatible exporter."""
+
+
+class ImageError(MordasrError):
+    """An input image cannot be decoded or is not usable."""
+
+
+class CheckpointError(MordasrError):
+    """A model checkpoint is missing, corrupted or does not match the requested preset."""

@@ -1,0 +1,98 @@
+"""Image decoding and encoding: exact round trips, odd modes, EXIF, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from mordasr.errors import ImageError
+from mordasr.runtime.images import read_image, resize, write_image
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3))))
+def test_png_roundtrip_is_exact(tmp_path_factory, pixels):
+    path = tmp_path_factory.mktemp("img") / "x.png"
+    Image.fromarray(pixels).save(path)
+    decoded = read_image(path)
+    assert decoded.dtype == np.float32 and decoded.shape == pixels.shape
+    assert np.array_equal((decoded * 255).round().astype(np.uint8), pixels)
+    out = path.with_name("y.png")
+    write_image(out, decoded)
+    assert np.array_equal(np.asarray(Image.open(out)), pixels)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(min_size=0, max_size=300))
+def test_random_bytes_never_crash(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("img") / "x.png"
+    path.write_bytes(data)
+    try:
+        image = read_image(path)
+    except ImageError as err:
+        assert "\n" not in str(err)
+    else:
+        assert image.ndim == 3 and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK", "I;16", "1"])
+def test_modes_decode_to_rgb(tmp_path, mode):
+    img = Image.new("RGB", (5, 4), (200, 100, 50)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    img.save(path)
+    decoded = read_image(path)
+    assert decoded.shape == (4, 5, 3) and decoded.min() >= 0 and decoded.max() <= 1
+
+
+def test_sixteen_bit_gray_keeps_precision(tmp_path):
+    values = np.array([[0, 1000, 65535]], dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(values).save(path)
+    decoded = read_image(path)
+    assert np.allclose(decoded[0, :, 0], values[0] / 65535.0, atol=1e-6)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (6, 3), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "r.jpg"
+    img.save(path, exif=exif)
+    assert read_image(path).shape == (6, 3, 3)
+
+
+def test_errors_are_one_line(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, message in [(tmp_path / "missing.png", "no such file"), (truncated, "corrupt"),
+                          (text, "not an image"), (empty, "not an image")]:
+        with pytest.raises(ImageError, match=message) as info:
+            read_image(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        read_image(good, max_pixels=10)
+
+
+def test_write_is_atomic_and_refuses_nan(tmp_path):
+    with pytest.raises(ImageError, match="NaN"):
+        write_image(tmp_path / "x.png", np.full((2, 2, 3), np.nan, np.float32))
+    with pytest.raises(ImageError, match="unsupported output format"):
+        write_image(tmp_path / "x.gif", np.zeros((2, 2, 3), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resize_matches_size_and_range():
+    image = np.random.default_rng(0).uniform(0, 1, (30, 20, 3)).astype(np.float32)
+    out = resize(image, 8, 12)
+    assert out.shape == (12, 8, 3)
+    assert abs(out.mean() - image.mean()) < 0.05

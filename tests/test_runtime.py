@@ -1,0 +1,115 @@
+"""The torch-free runtime: manifest checks, routing, and the whole pipeline against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mordasr.errors import BundleError, ImageError
+from mordasr.runtime import Restorer, load_manifest
+from mordasr.runtime.images import resize
+from mordasr.runtime.routing import nearest_bucket
+
+
+def _torch_restore(model, image, scores):
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
+    with torch.no_grad():
+        return model(x, torch.as_tensor(scores, dtype=torch.float32).reshape(1, -1))[0].numpy().transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("mode", ["folded", "gated"])
+def test_restorer_matches_pytorch(mode, tiny_model, folded_bundle, gated_bundle, rng):
+    bundle = folded_bundle if mode == "folded" else gated_bundle
+    restorer = Restorer(bundle)
+    image = rng.uniform(0, 1, (12, 18, 3)).astype(np.float32)
+    result = restorer.restore(image)
+    assert result.image.shape == (48, 72, 3)
+    view = torch.from_numpy(resize(image, 32, 32).clip(0, 1).transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        assert np.abs(tiny_model.estimator(view)[0].numpy() - result.scores).max() < 1e-5
+    if mode == "folded":
+        assert result.bucket == int(nearest_bucket(result.scores, restorer.centres)[0])
+        route = restorer.manifest.buckets[result.bucket].centre
+    else:
+        assert result.bucket is None
+        route = result.scores
+    assert np.abs(result.image - _torch_restore(tiny_model, image, route)).max() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (2, 3), (9, 4)])
+def test_odd_sizes_are_padded_and_cropped(shape, folded_bundle, rng):
+    image = rng.uniform(0, 1, shape + (3,)).astype(np.float32)
+    result = Restorer(folded_bundle).restore(image)
+    assert result.image.shape == (shape[0] * 4, shape[1] * 4, 3)
+    assert np.isfinite(result.image).all() and result.image.min() >= 0 and result.image.max() <= 1
+
+
+def test_restore_rejects_wrong_layout(folded_bundle):
+    with pytest.raises(ImageError, match="expected an"):
+        Restorer(folded_bundle).restore(np.zeros((4, 4), np.float32))
+
+
+def test_nearest_bucket():
+    centres = np.array([[0.0, 0.0], [1.0, 1.0]])
+    assert nearest_bucket(np.array([[0.2, 0.1], [0.9, 0.6]]), centres).tolist() == [0, 1]
+
+
+def _copy(bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_manifest_refuses_tampered_or_incomplete_bundles(folded_bundle, tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(BundleError, match="not a mordasr bundle"):
+        load_manifest(tmp_path)
+    bundle = _copy(folded_bundle, tmp_path)
+    with open(bundle / "unet.b1.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="unet.b1.onnx does not match its sha256.*re-export"):
+        load_manifest(bundle)
+    (bundle / "unet.b1.onnx").unlink()
+    with pytest.raises(BundleError, match="unet.b1.onnx is missing"):
+        load_manifest(bundle)
+
+
+def test_manifest_schema_and_json_errors(folded_bundle, tmp_path):
+    bundle = _copy(folded_bundle, tmp_path)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["schema_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="schema 99.*re-export"):
+        load_manifest(bundle)
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        load_manifest(bundle)
+    data["schema_version"] = 1
+    del data["graphs"]
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="malformed manifest"):
+        load_manifest(bundle)
+
+
+def test_runtime_never_imports_torch(gated_bundle):
+    code = (
+        "import sys, numpy as np\n"
+        "from mordasr.runtime import Restorer\n"
+        "from mordasr.runtime.cli import main\n"
+        f"r = Restorer({str(gated_bundle)!r})\n"
+        "out = r.restore(np.random.rand(8, 10, 3).astype(np.float32))\n"
+        "assert out.image.shape == (32, 40, 3)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'open_clip'))\n"
+        "print('LOADED', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LOADED []" in proc.stdout

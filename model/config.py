@@ -68,7 +68,7 @@ class ModelConfig:
     scale: int
     vae: dict[str, Any]
     unet: dict[str, Any]
-    clip_vision: dict[str, Any]  # open_clip CLIPVisionCfg fields
+    clip_vision: dict[str, Any]  # open_clip CLIPVisionCfg fields, or {"type": "conv", ...} (tiny)
     clip_embed_dim: int
     clip_model_name: str | None  # open_clip model name when real CLIP weights are used
     router_image_size: int
@@ -135,12 +135,16 @@ def _tiny() -> ModelConfig:
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                   cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
-        clip_vision=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32, mlp_ratio=2.0),
+        clip_vision=dict(type="conv", width=32),
         clip_embed_dim=32,
         clip_model_name=None,
         router_image_size=32,
         text_tokens=4,
         latent_scale=1.0,
+        # A tiny UNet trained from scratch cannot predict noise precisely enough for the x0
+        # step at t=999, which divides its error by sqrt(a_999) = 0.068 (x14.6); at t=200 the
+        # division is by 0.87. Same update, same graphs, constants read from the manifest.
+        timestep=200,
         adapter=AdapterConfig(r_shared=2, r_routed=8, top_k=2, n_zero=2),
     )
 

@@ -19,6 +19,7 @@ from mordasr.errors import BundleError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODES = ("folded", "gated")
+PRECISIONS = ("fp32", "fp16", "int8")
 COMPONENTS = ("router", "encoder", "unet", "decoder")
 
 
@@ -37,6 +38,7 @@ class GraphSpec:
     sha256: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    precision: str = "fp32"  # arithmetic inside the graph; I/O dtypes are in inputs/outputs
 
     @property
     def key(self) -> str:
@@ -67,6 +69,7 @@ class Manifest:
     graphs: list[GraphSpec]
     random_weights: bool
     source: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # how reduced precisions were made
     schema_version: int = SCHEMA_VERSION
     mordasr_version: str = ""
 

@@ -6,6 +6,7 @@ moves numpy arrays between them in the order of the MoR-DASR data path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from mordasr.errors import ImageError
 from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
-from mordasr.runtime.manifest import load_manifest
+from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket
 
 
@@ -25,9 +26,15 @@ class RestoreResult:
     bucket: int | None  # folded bundles: the bucket whose graphs ran
 
 
+# Called after each graph run with (graph, feeds, output); calibration and reports use it.
+Tap = Callable[[GraphSpec, dict, np.ndarray], None]
+
+
 class Restorer:
-    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", **backend_options) -> None:
+    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", tap: Tap | None = None,
+                 **backend_options) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self.tap = tap
         self.manifest = load_manifest(self.bundle_dir)
         self.backend = create_backend(backend, self.manifest, self.bundle_dir, **backend_options)
         self.centres = np.array([b.centre for b in self.manifest.buckets], dtype=np.float32)
@@ -42,8 +49,11 @@ class Restorer:
     def _run(self, component: str, bucket: int | None, **feeds: np.ndarray) -> np.ndarray:
         graph = self.manifest.graph(component, bucket)
         wanted = {t.name for t in graph.inputs}
-        outputs = self.backend.run(graph, {k: v for k, v in feeds.items() if k in wanted})
-        return outputs[graph.outputs[0].name]
+        feeds = {k: v for k, v in feeds.items() if k in wanted}
+        output = self.backend.run(graph, feeds)[graph.outputs[0].name]
+        if self.tap is not None:
+            self.tap(graph, feeds, output)
+        return output
 
     def scores(self, image: np.ndarray) -> np.ndarray:
         """Degradation scores (D,) of a low-resolution image (H, W, 3) in [0, 1]."""
@@ -51,17 +61,23 @@ class Restorer:
         view = resize(image, size, size).clip(0, 1).transpose(2, 0, 1)[None]
         return self._run("router", None, image=np.ascontiguousarray(view, dtype=np.float32))[0]
 
-    def restore(self, image: np.ndarray) -> RestoreResult:
-        """Super-resolve one low-resolution image (H, W, 3) float in [0, 1]."""
+    def restore(self, image: np.ndarray, bucket: int | None = None) -> RestoreResult:
+        """Super-resolve one low-resolution image (H, W, 3) float in [0, 1].
+
+        ``bucket`` forces a folded bundle's bucket instead of the router's nearest one.
+        """
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ImageError(f"expected an (H, W, 3) image, got shape {image.shape}")
         height, width = image.shape[:2]
         # 1. router: degradation scores of the whole image
         scores = self.scores(image)
         # 2. routing: folded bundles pick the nearest bucket; gated bundles feed the scores
-        bucket = None
-        if self.manifest.mode == "folded":
+        if self.manifest.mode != "folded":
+            bucket = None
+        elif bucket is None:
             bucket = int(nearest_bucket(scores, self.centres)[0])
+        elif not 0 <= bucket < len(self.centres):
+            raise ValueError(f"bucket {bucket} out of range 0..{len(self.centres) - 1}")
         score_feed = scores[None].astype(np.float32)
         # pad to the multiple the graphs need (reflect), crop the output back
         m = self.manifest.lr_multiple

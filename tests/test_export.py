@@ -85,6 +85,28 @@ def test_graphs_are_clean_and_checked(folded_bundle, gated_bundle):
             assert model.opset_import[0].version >= 17
 
 
+def test_open_clip_vit_router_matches_pytorch(tmp_path):
+    """The sd21 router is an open_clip ViT tower: its graph must match too (tiny widths here)."""
+    from types import SimpleNamespace
+
+    from open_clip.model import CLIPVisionCfg
+
+    from mordasr.export.graphs import ComponentSpec, IOSpec, RouterGraph
+    from mordasr.export.onnx_export import export_onnx
+    from mordasr.model.degradation import DegradationEstimator, build_vision_tower
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32)
+    tower = build_vision_tower(16, {k: getattr(cfg, k) for k in ("layers", "width", "head_width",
+                                                                  "patch_size", "image_size")})
+    est = DegradationEstimator(tower, torch.randn(7, 2, 16), 100.0, 32).eval()
+    spec = ComponentSpec("router", (IOSpec("image", ("batch", 3, 32, 32)),), (IOSpec("scores", ("batch", 7)),))
+    export_onnx(RouterGraph(SimpleNamespace(estimator=est)), (torch.rand(1, 3, 32, 32),), spec, tmp_path / "r.onnx")
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        _check("router", _run(tmp_path, "r.onnx", {"image": x}), est(x))
+
+
 def test_gated_unet_routes_with_constant_k_topk(gated_bundle):
     model = onnx.load(str(gated_bundle / "unet.onnx"))
     topk = [n for n in model.graph.node if n.op_type == "TopK"]

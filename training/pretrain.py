@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BaseTrainingConfig:
-    vae_steps: int = 1500
-    estimator_steps: int = 1500
-    unet_steps: int = 1500
+    vae_steps: int = 2500
+    estimator_steps: int = 3000
+    unet_steps: int = 2000
     batch: int = 8
     crop: int = 64
     lr: float = 1e-3
@@ -139,14 +139,38 @@ def train_base_unet(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = Fal
     return loss_value
 
 
-def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False) -> Path:
+STAGES = ("vae", "estimator", "unet")
+
+
+def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
+               stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None) -> Path:
+    """Train the given stages in order and write the base checkpoint after each one.
+
+    ``start_from`` continues from an existing base checkpoint (to retrain some stages only);
+    otherwise training starts from random weights.
+    """
+    from mordasr.model.io import load_checkpoint
+
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     seed_everything(cfg.seed)
-    model = OneStepSR(preset_config("tiny"), with_adapters=False)
-    losses = {
-        "vae_l1": train_vae(model, cfg, quiet),
-        "estimator_bce": train_estimator(model, cfg, quiet),
-        "unet_latent_mse": train_base_unet(model, cfg, quiet),
-    }
-    log.info("base training finished: %s", losses)
-    meta = {"kind": "base", "random_weights": False, "training": vars(cfg), "final_losses": losses}
-    return save_checkpoint(model, out, meta)
+    if start_from is not None:
+        model, meta = load_checkpoint(start_from, add_adapters=False)
+        losses, done = dict(meta.get("final_losses", {})), list(meta.get("stages_done", []))
+    else:
+        model, losses, done = OneStepSR(preset_config("tiny"), with_adapters=False), {}, []
+    trainers = {"vae": ("vae_l1", train_vae), "estimator": ("estimator_bce", train_estimator),
+                "unet": ("unet_latent_mse", train_base_unet)}
+    path = Path(out)
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        key, trainer = trainers[stage]
+        losses[key] = trainer(model, cfg, quiet)
+        log.info("stage %s finished: %s = %.5f", stage, key, losses[key])
+        done = [s for s in STAGES if s in done or s == stage]
+        meta = {"kind": "base", "random_weights": False, "training": vars(cfg), "final_losses": losses,
+                "stages_done": done}
+        save_checkpoint(model, path, meta)
+    return path

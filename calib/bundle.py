@@ -1,0 +1,108 @@
+"""Make an FP16 or INT8 bundle from an FP32 bundle.
+
+The router stays FP32 (bucket choice must not move with precision); the encoder, UNet and
+decoder graphs are converted. INT8 graphs are calibrated on the inputs each graph sees when the
+FP32 bundle runs on calibration images, bucket by bucket for folded bundles.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mordasr.calib.data import split_per_bucket
+from mordasr.calib.fp16 import convert_fp16
+from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT, quantize_int8
+from mordasr.calib.qdq_lint import lint_qdq
+from mordasr.errors import BundleError, MordasrError
+from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest, sha256_file
+from mordasr.runtime.pipeline import Restorer
+
+log = logging.getLogger(__name__)
+
+CONVERTED = ("encoder", "unet", "decoder")
+
+
+def load_fp32_manifest(bundle: str | Path) -> Manifest:
+    manifest = load_manifest(bundle)
+    if manifest.precision != "fp32":
+        raise BundleError(f"{bundle} is a {manifest.precision} bundle; calibrate from the fp32 bundle "
+                          "that mordasr-export writes")
+    return manifest
+
+
+def collect_feeds(bundle: str | Path, images: list[np.ndarray], per_bucket: int):
+    """Inputs each graph receives while the FP32 bundle restores the calibration images.
+
+    Returns ({graph key: [feeds]}, {bucket: [image indices]}).
+    """
+    feeds: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+
+    def record(graph: GraphSpec, graph_feeds: dict, _output) -> None:
+        feeds[graph.key].append({k: np.array(v, copy=True) for k, v in graph_feeds.items()})
+
+    restorer = Restorer(bundle, tap=record)
+    if restorer.manifest.mode == "folded":
+        scores = np.stack([restorer.scores(im) for im in images])
+        split = split_per_bucket(scores, restorer.centres, per_bucket)
+        for bucket, indices in enumerate(split):
+            for i in indices:
+                restorer.restore(images[i], bucket=bucket)
+        return feeds, {b: idx for b, idx in enumerate(split)}
+    for image in images:
+        restorer.restore(image)
+    return feeds, {}
+
+
+def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
+                           images: list[np.ndarray] | None = None, per_bucket: int = 16,
+                           method: str = "minmax", smoothquant: bool = False,
+                           keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT, source: str = "synthetic",
+                           seed: int = 0, on_graph: Callable[[str], None] | None = None) -> Manifest:
+    """Write the ``precision`` version of the FP32 bundle ``src`` into the empty folder ``dst``."""
+    src, dst = Path(src), Path(dst)
+    manifest = load_fp32_manifest(src)
+    if precision not in ("fp16", "int8"):
+        raise MordasrError(f"unknown precision {precision!r}; choose fp16 or int8")
+    keep_float = tuple(keep_float)
+    calibration: dict = {"precision": precision}
+    feeds = {}
+    if precision == "int8":
+        if not images:
+            raise MordasrError("INT8 needs calibration images (--calib-images must be at least 1)")
+        feeds, split = collect_feeds(src, images, per_bucket)
+        calibration.update({"method": method, "smoothquant": smoothquant, "images": len(images),
+                            "per_bucket": {str(b): idx for b, idx in split.items()},
+                            "source": source, "seed": seed, "keep_float": list(keep_float)})
+    else:
+        from mordasr.calib.fp16 import FP32_OPS
+
+        calibration.update({"fp32_ops": list(FP32_OPS), "io_types": "kept"})
+    graphs = []
+    for g in manifest.graphs:
+        if g.component not in CONVERTED:
+            shutil.copy2(src / g.file, dst / g.file)
+            graphs.append(g)
+            continue
+        if precision == "fp16":
+            onnx.save(convert_fp16(onnx.load(str(src / g.file))), str(dst / g.file))
+        else:
+            model = quantize_int8(src / g.file, dst / g.file, feeds.get(g.key, []), keep_float=keep_float,
+                                  method=method, smoothquant=smoothquant)
+            problems = lint_qdq(model)
+            if problems:
+                raise MordasrError(f"{g.file}: Q/DQ lint failed ({len(problems)} problems), first: {problems[0]}")
+        graphs.append(replace(g, sha256=sha256_file(dst / g.file), precision=precision))
+        if on_graph:
+            on_graph(g.file)
+    new = replace(manifest, precision=precision, graphs=graphs, calibration=calibration,
+                  source=dict(manifest.source, fp32_bundle=str(src)))
+    new.write(dst)
+    return new

@@ -1,0 +1,90 @@
+"""The ``sd21`` preset from local weights: a diffusers folder and an open_clip checkpoint.
+
+Nothing is downloaded: ``diffusers_dir`` is a local Stable Diffusion 2.1-base (or SD-Turbo)
+folder with ``vae/``, ``unet/`` and, for the null-text conditioning, ``text_encoder/`` and
+``tokenizer/`` (read with transformers); ``clip_checkpoint`` is a local open_clip weight file
+for the degradation estimator. ``random_weights=True`` builds the same shapes with random
+weights for benchmarking; such a model is labelled ``random_weights`` in its checkpoint and in
+every bundle exported from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mordasr.errors import CheckpointError
+from mordasr.model.config import preset_config
+from mordasr.model.degradation import DegradationEstimator, text_embeddings_from_clip
+from mordasr.model.onestep import OneStepSR
+
+log = logging.getLogger(__name__)
+
+
+def _plain_config(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()
+            if not k.startswith("_")}
+
+
+def _null_text(diffusers_dir: Path, tokens: int) -> torch.Tensor:
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError:
+        raise CheckpointError("reading the null-text embedding from a diffusers folder needs "
+                              "transformers: pip install transformers") from None
+    tokenizer = CLIPTokenizer.from_pretrained(diffusers_dir, subfolder="tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(diffusers_dir, subfolder="text_encoder", local_files_only=True)
+    ids = tokenizer([""], padding="max_length", max_length=tokens, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0].float()
+
+
+def build_sd21(diffusers_dir: str | Path | None = None, clip_checkpoint: str | Path | None = None,
+               *, clip_model_name: str | None = None, random_weights: bool = False,
+               adapter: str = "mor", null_text: torch.Tensor | None = None) -> OneStepSR:
+    """An ``sd21`` OneStepSR with adapters, from local weights or random ones."""
+    config = preset_config("sd21", adapter=adapter)
+    if clip_model_name:
+        config.clip_model_name = clip_model_name
+    if random_weights:
+        log.warning("sd21 with RANDOM weights: for latency and memory benchmarks only")
+        model = OneStepSR(config, with_adapters=True)
+        return model.eval()
+    if diffusers_dir is None or clip_checkpoint is None:
+        raise CheckpointError("sd21 needs --sd-weights DIR (a local diffusers folder) and "
+                              "--clip-weights FILE (a local open_clip checkpoint), or --random-weights")
+    diffusers_dir, clip_checkpoint = Path(diffusers_dir), Path(clip_checkpoint)
+    for sub in ("vae", "unet"):
+        if not (diffusers_dir / sub / "config.json").is_file():
+            raise CheckpointError(f"{diffusers_dir}: no {sub}/config.json (not a diffusers model folder)")
+    if not clip_checkpoint.is_file():
+        raise CheckpointError(f"{clip_checkpoint}: no such open_clip checkpoint")
+
+    import open_clip
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(diffusers_dir, subfolder="vae", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet", local_files_only=True)
+    config.vae = _plain_config(vae.config)
+    config.unet = _plain_config(unet.config)
+    config.latent_scale = float(vae.config.get("scaling_factor", config.latent_scale))
+    clip = open_clip.create_model(config.clip_model_name, pretrained=str(clip_checkpoint))
+    clip.eval()
+    vision = clip.visual
+    clip_cfg = open_clip.get_model_config(config.clip_model_name)
+    config.clip_embed_dim = int(clip_cfg["embed_dim"])
+    config.clip_vision = dict(clip_cfg["vision_cfg"])
+    config.router_image_size = int(vision.image_size[0])
+    if null_text is None:
+        null_text = _null_text(diffusers_dir, config.text_tokens)
+    config.text_tokens = int(null_text.shape[1])
+
+    model = OneStepSR(config, with_adapters=False)
+    model.vae, model.unet = vae, unet
+    text = text_embeddings_from_clip(clip, open_clip.get_tokenizer(config.clip_model_name), config.prompts)
+    model.estimator = DegradationEstimator(vision, text, config.temperature, config.router_image_size)
+    model.null_text = null_text.reshape(1, *null_text.shape[-2:]).clone()
+    model.add_adapters()
+    return model.eval()

@@ -1,0 +1,108 @@
+"""Data, synthetic degradations, the trainers and the mordasr-train command."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mordasr.model.io import load_checkpoint, tiny_base_path
+from mordasr.tests.conftest import make_tiny_model
+from mordasr.training.cli import main as train_main
+from mordasr.training.data import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
+from mordasr.training.degrade import Degradation, degrade, degraded_batch, target_scores
+from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+
+
+def test_sample_images_ship_with_the_package_and_splits_are_disjoint():
+    assert not set(TRAIN_IMAGES) & set(HELDOUT_IMAGES)
+    for image in sample_images("heldout"):
+        assert image.dtype == np.float32 and image.ndim == 3 and image.shape[-1] == 3
+        assert 0 <= image.min() and image.max() <= 1
+    with pytest.raises(ValueError):
+        load_sample_image("not-an-image")
+
+
+def test_crop_sampler_is_reproducible():
+    images = sample_images("heldout")
+    a = CropSampler(images, 32, seed=4).sample(3)
+    b = CropSampler(images, 32, seed=4).sample(3)
+    assert a.shape == (3, 32, 32, 3) and np.array_equal(a, b)
+    with pytest.raises(ValueError, match="at least"):
+        CropSampler(images, 100_000)
+
+
+def test_degrade_shapes_and_known_effects():
+    rng = np.random.default_rng(0)
+    hr = CropSampler(sample_images("heldout"), 64, 0).sample(1)[0]
+    clean = degrade(hr, Degradation(), 4, rng)
+    noisy = degrade(hr, Degradation(noise_sigma=20 / 255), 4, rng)
+    blurred = degrade(hr, Degradation(blur_sigma=3.0), 4, rng)
+    assert clean.shape == (16, 16, 3)
+    assert np.abs(noisy - clean).mean() > 0.03
+    high_freq = lambda im: np.abs(np.diff(im, axis=0)).mean()  # noqa: E731
+    assert high_freq(blurred) < high_freq(clean)
+
+
+def test_target_scores_follow_severity():
+    mild = target_scores(Degradation())
+    worst = target_scores(Degradation(3.0, 25 / 255, 30))
+    assert mild.shape == (7,) and np.all((0 <= mild) & (mild <= 1))
+    assert np.all(worst >= mild) and worst[0] > 0.9
+    assert target_scores(Degradation(noise_sigma=10 / 255))[2] > target_scores(Degradation(noise_sigma=2 / 255))[2]
+    lr, degs, targets = degraded_batch(np.zeros((3, 32, 32, 3), np.float32), 4, np.random.default_rng(0))
+    assert lr.shape == (3, 8, 8, 3) and targets.shape == (3, 7) and len(degs) == 3
+
+
+def test_train_adapters_updates_only_adapters(tmp_path):
+    model = make_tiny_model(seed=5)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and ".router." not in k}
+    adapters = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    cfg = AdapterTrainingConfig(steps=3, batch=2, crop=32, eval_every=2, eval_crops=2)
+    metrics = train_adapters(model, cfg, tmp_path / "ckpt", quiet=True)
+    assert np.isfinite(metrics["psnr"]) and np.isfinite(metrics["loss_rec"])
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(state[k], v) for k, v in adapters.items())
+    rows = list(csv.DictReader(open(tmp_path / "ckpt" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 2, 3]
+    loaded, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta["kind"] == "adapted" and loaded.has_adapters
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        AdapterTrainingConfig(steps=0).validate()
+
+
+def test_shipped_tiny_base_loads():
+    config = json.loads((tiny_base_path() / "config.json").read_text())
+    assert config["meta"]["kind"] == "base" and not config["meta"]["random_weights"]
+    model, meta = load_checkpoint(tiny_base_path())
+    assert model.has_adapters and not meta["has_adapters"]
+    assert set(meta["stages_done"]) == {"vae", "estimator", "unet"}
+
+
+def test_train_cli_adapters_and_errors(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(out), "--steps", "2", "--batch", "2",
+                                             "--crop", "32", "--adapter", "lora", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "held-out PSNR" in result.output and (out / "model.safetensors").is_file()
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--base", str(out)])
+    assert result.exit_code == 2 and "already holds adapters" in result.stderr
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "y"), "--base", str(tmp_path)])
+    assert result.exit_code == 2 and "not a mordasr checkpoint" in result.stderr
+
+
+def test_train_cli_base_stage_checkpoints(tmp_path):
+    out = tmp_path / "base"
+    result = CliRunner().invoke(train_main, ["base", "-o", str(out), "--vae-steps", "1",
+                                             "--estimator-steps", "1", "--unet-steps", "1", "--batch", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    _, meta = load_checkpoint(out, add_adapters=False)
+    assert meta["stages_done"] == ["vae", "estimator", "unet"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT
 from mordasr.errors import MordasrError
 from mordasr.runtime.manifest import MODES
 
@@ -34,10 +35,19 @@ def _fail(message: str) -> None:
               help="ONNX opset.")
 @click.option("--no-slim", is_flag=True, help="Skip onnxslim graph cleaning.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for bucket placement.")
+@click.option("--fp16", "precision", flag_value="fp16",
+              help="Also convert to FP16 (see mordasr-calib): OUT gets the FP16 bundle, OUT-fp32 the FP32 one.")
+@click.option("--int8", "precision", flag_value="int8",
+              help="Also quantize to INT8 with explicit Q/DQ, calibrated per bucket on synthetic "
+                   "degradations (see mordasr-calib for the options): OUT gets the INT8 bundle, "
+                   "OUT-fp32 the FP32 one.")
+@click.option("--min-psnr", type=float, default=None,
+              help="With --fp16/--int8: refuse the bundle when a bucket's PSNR vs FP32 PyTorch is below this (dB).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples: int, opset: int,
-         no_slim: bool, seed: int, force: bool, quiet: bool) -> None:
+         no_slim: bool, seed: int, precision: str | None, min_psnr: float | None, force: bool,
+         quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
 
     Graphs: router (CLIP image tower + stored prompt embeddings -> scores), encoder (bicubic
@@ -45,8 +55,10 @@ def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples
     Each graph is constant-folded, slimmed and checked by onnx.checker with shape inference.
     """
     logging.basicConfig(level=logging.WARNING)
-    if out.exists() and not force:
-        _fail(f"{out} already exists (pass --force to replace it)")
+    fp32_out = out.with_name(out.name + "-fp32") if precision else out
+    for path in {out, fp32_out}:
+        if path.exists() and not force:
+            _fail(f"{path} already exists (pass --force to replace it)")
     from tqdm import tqdm
 
     from mordasr.export.buckets import default_buckets
@@ -70,13 +82,21 @@ def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples
                 bar.set_postfix_str(name)
                 bar.update(1)
 
-            manifest = export_bundle(model, out, mode, buckets, opset=opset, slim=not no_slim,
+            manifest = export_bundle(model, fp32_out, mode, buckets, opset=opset, slim=not no_slim,
                                      force=force, random_weights=bool(meta.get("random_weights")),
                                      source={"checkpoint": str(checkpoint)}, on_graph=on_graph)
+        if precision:
+            from mordasr.calib.cli import calibrate
+
+            calibrate(fp32_out, out, precision, checkpoint=checkpoint, calib_images=32, calib_dir=None,
+                      method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT, min_psnr=min_psnr,
+                      eval_images=4, seed=seed, force=force, quiet=quiet)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     if not quiet:
-        click.echo(f"wrote {out}: {manifest.mode} {manifest.adapter} bundle, "
+        if precision:
+            click.echo(f"wrote {out} ({precision}, accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
+        click.echo(f"wrote {fp32_out}: {manifest.mode} {manifest.adapter} bundle, "
                    f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s)")
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))

@@ -128,9 +128,11 @@ def _tiny() -> ModelConfig:
         vae=dict(in_channels=3, out_channels=3,
                  down_block_types=("DownEncoderBlock2D",) * 3,
                  up_block_types=("UpDecoderBlock2D",) * 3,
-                 block_out_channels=(32, 48, 48), layers_per_block=1, latent_channels=4,
+                 # 16 latent channels at /4: a VAE this small trained for minutes reconstructs
+                 # at 25.9 dB with 4 channels (below bicubic x4), so it gets a wider latent.
+                 block_out_channels=(32, 48, 48), layers_per_block=1, latent_channels=16,
                  norm_num_groups=16, sample_size=64),
-        unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        unet=dict(sample_size=16, in_channels=16, out_channels=16, layers_per_block=1,
                   block_out_channels=(32, 64),
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -145,6 +147,9 @@ def _tiny() -> ModelConfig:
         # step at t=999, which divides its error by sqrt(a_999) = 0.068 (x14.6); at t=200 the
         # division is by 0.87. Same update, same graphs, constants read from the manifest.
         timestep=200,
+        # CLIP's logit scale of 100 saturates the score sigmoid of an estimator fitted from
+        # scratch (its BCE stalled above 1.0 here); 10 lets the tiny tower learn.
+        temperature=10.0,
         adapter=AdapterConfig(r_shared=2, r_routed=8, top_k=2, n_zero=2),
     )
 

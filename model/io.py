@@ -39,6 +39,8 @@ def save_checkpoint(model: OneStepSR, path: str | Path, meta: dict | None = None
         data = {"model": model.config.to_dict(),
                 "meta": {"has_adapters": model.has_adapters, **(meta or {})}}
         (tmp / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private
         if path.exists():
             shutil.rmtree(path)

@@ -109,3 +109,7 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     click.echo(f"images: {out / 'lr.png'}, {out / 'bicubic.png'}, {out / 'restored.png'}, {out / 'hr.png'}")
     if not np.isfinite(result.image).all():
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

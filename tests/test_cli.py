@@ -119,3 +119,16 @@ def test_export_cli_bad_checkpoints(tiny_model, tmp_path):
     result = CliRunner().invoke(export_main, [str(base), "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "without adapters" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_export_cli_int8_writes_both_bundles(tiny_model, tmp_path):
+    from mordasr.runtime import load_manifest
+
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(export_main, [str(ckpt), "-o", str(out), "--mode", "gated", "--int8",
+                                              "--calib-samples", "16", "-q"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out).precision == "int8"
+    assert load_manifest(tmp_path / "bundle-fp32").precision == "fp32"
+    assert (out / "accuracy.md").is_file()

@@ -19,6 +19,7 @@ from mordasr.errors import MordasrError
 from mordasr.export.buckets import kmeans, label, make_buckets
 from mordasr.export.bundle import export_bundle
 from mordasr.export.graphs import lr_multiple
+from mordasr.model import preset_config
 from mordasr.model.inject import fold_adapters
 from mordasr.runtime.manifest import load_manifest
 
@@ -30,11 +31,14 @@ def _run(bundle, file, feeds):
     return session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
 
 
+LATENT = preset_config("tiny").latent_channels
+
+
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"image_lr": torch.rand(2, 3, 10, 14, generator=g),
             "router_image": torch.rand(2, 3, 32, 32, generator=g),
-            "latent": torch.randn(2, 4, 10, 14, generator=g),
+            "latent": torch.randn(2, LATENT, 10, 14, generator=g),
             "scores": torch.rand(2, 7, generator=g)}
 
 
@@ -130,7 +134,7 @@ def test_manifest_records_io_and_hashes(folded_bundle, tiny_buckets):
                      "unet.b0.onnx", "unet.b1.onnx"}
     unet = next(g for g in data["graphs"] if g["file"] == "unet.b0.onnx")
     assert unet["inputs"] == [{"name": "latent", "dtype": "float32",
-                               "shape": ["batch", 4, "latent_height", "latent_width"]}]
+                               "shape": ["batch", LATENT, "latent_height", "latent_width"]}]
     assert len(data["buckets"]) == len(tiny_buckets)
     assert data["scheduler"]["timestep"] == 999
     assert 0 < data["scheduler"]["sqrt_alpha_prod"] < 0.1

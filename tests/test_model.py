@@ -55,7 +55,7 @@ def test_folded_equals_gated_for_any_scores(scores):
     folded = fold_adapters(model, s[0])
     g = torch.Generator().manual_seed(1)
     x_lr = torch.rand(1, 3, 12, 12, generator=g)
-    z = torch.randn(1, 4, 12, 12, generator=g)
+    z = torch.randn(1, model.config.latent_channels, 12, 12, generator=g)
     with torch.no_grad():
         model.routing.scores = s
         gated_enc, gated_unet = model.encode(x_lr), model.denoise(z)

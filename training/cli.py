@@ -9,6 +9,9 @@ from pathlib import Path
 import click
 
 from mordasr.errors import MordasrError
+from mordasr.training.pretrain_config import BaseTrainingConfig
+
+_BASE_DEFAULTS = BaseTrainingConfig()
 
 
 def _fail(message: str) -> None:
@@ -32,8 +35,16 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Checkpoint folder to write (config.json, model.safetensors, metrics.csv).")
+@click.option("--preset", type=click.Choice(["tiny", "sd21"]), default="tiny", show_default=True,
+              help="tiny: the small model shipped with mordasr; sd21: SD 2.1-base shapes from local weights.")
 @click.option("--base", "base_path", type=click.Path(path_type=Path), default=None,
-              help="Base checkpoint folder [default: the tiny base shipped with mordasr].")
+              help="tiny: base checkpoint folder [default: the tiny base shipped with mordasr].")
+@click.option("--sd-weights", type=click.Path(path_type=Path), default=None,
+              help="sd21: local diffusers folder (vae/, unet/, text_encoder/, tokenizer/).")
+@click.option("--clip-weights", type=click.Path(path_type=Path), default=None,
+              help="sd21: local open_clip checkpoint for the degradation estimator (ViT-B-16).")
+@click.option("--random-weights", is_flag=True,
+              help="sd21: random weights, for latency benchmarks only (labelled as such everywhere).")
 @click.option("--adapter", type=click.Choice(["mor", "lora"]), default="mor", show_default=True,
               help="Mixture of Ranks, or the dense LoRA baseline of the same total rank.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
@@ -52,9 +63,10 @@ def main(verbose: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def adapters(out: Path, base_path: Path | None, adapter: str, steps: int, batch: int, crop: int,
-             lr: float, balance_weight: float, eval_every: int, seed: int, threads: int | None,
-             quiet: bool) -> None:
+def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | None,
+             clip_weights: Path | None, random_weights: bool, adapter: str, steps: int, batch: int,
+             crop: int, lr: float, balance_weight: float, eval_every: int, seed: int,
+             threads: int | None, quiet: bool) -> None:
     """Fine-tune adapters (LoRA or MoR) on a frozen base with L2 + load-balance losses.
 
     Data: random crops of the photographs shipped with scikit-image, degraded on the fly with
@@ -69,12 +81,19 @@ def adapters(out: Path, base_path: Path | None, adapter: str, steps: int, batch:
     if threads:
         torch.set_num_threads(threads)
     try:
-        model, meta = load_checkpoint(base_path or tiny_base_path(), adapter=adapter)
-        if meta.get("has_adapters"):
-            _fail(f"{base_path} already holds adapters; pass a base checkpoint")
+        if preset == "sd21":
+            from mordasr.model.sd21 import build_sd21
+
+            model = build_sd21(sd_weights, clip_weights, random_weights=random_weights, adapter=adapter)
+        else:
+            if sd_weights or clip_weights or random_weights:
+                _fail("--sd-weights, --clip-weights and --random-weights apply to --preset sd21")
+            model, meta = load_checkpoint(base_path or tiny_base_path(), adapter=adapter)
+            if meta.get("has_adapters"):
+                _fail(f"{base_path} already holds adapters; pass a base checkpoint")
         cfg = AdapterTrainingConfig(steps=steps, batch=batch, crop=crop, lr=lr,
                                     balance_weight=balance_weight, eval_every=eval_every, seed=seed)
-        metrics = train_adapters(model, cfg, out, quiet=quiet)
+        metrics = train_adapters(model, cfg, out, quiet=quiet, random_weights=random_weights)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     click.echo(f"wrote {out}: held-out PSNR {metrics['psnr']:.2f} dB "
@@ -84,10 +103,13 @@ def adapters(out: Path, base_path: Path | None, adapter: str, steps: int, batch:
 @main.command()
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Base checkpoint folder to write.")
-@click.option("--vae-steps", type=click.IntRange(min=1), default=1500, show_default=True)
-@click.option("--estimator-steps", type=click.IntRange(min=1), default=1500, show_default=True)
-@click.option("--unet-steps", type=click.IntRange(min=1), default=1500, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--vae-steps", type=click.IntRange(min=1), default=_BASE_DEFAULTS.vae_steps, show_default=True)
+@click.option("--estimator-steps", type=click.IntRange(min=1), default=_BASE_DEFAULTS.estimator_steps,
+              show_default=True)
+@click.option("--unet-steps", type=click.IntRange(min=1), default=_BASE_DEFAULTS.unet_steps, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=_BASE_DEFAULTS.batch, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_BASE_DEFAULTS.lr, show_default=True,
+              help="AdamW learning rate of every stage (cosine-decayed to 0).")
 @click.option("--stages", default="vae,estimator,unet", show_default=True,
               help="Comma-separated stages to train (in the order vae, estimator, unet).")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
@@ -95,18 +117,18 @@ def adapters(out: Path, base_path: Path | None, adapter: str, steps: int, batch:
                    "(e.g. to retrain only the estimator).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def base(out: Path, vae_steps: int, estimator_steps: int, unet_steps: int, batch: int, stages: str,
-         start_from: Path | None, seed: int, quiet: bool) -> None:
+def base(out: Path, vae_steps: int, estimator_steps: int, unet_steps: int, batch: int, lr: float,
+         stages: str, start_from: Path | None, seed: int, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, estimator, base UNet).
 
     The defaults reproduce the base shipped in mordasr/model/pretrained/tiny (about 25 minutes
     on 2 CPU cores). The checkpoint is rewritten after each stage, so an interrupted run keeps
     the stages it finished (continue with --from OUT --stages ...).
     """
-    from mordasr.training.pretrain import BaseTrainingConfig, train_base
+    from mordasr.training.pretrain import train_base
 
     cfg = BaseTrainingConfig(vae_steps=vae_steps, estimator_steps=estimator_steps,
-                             unet_steps=unet_steps, batch=batch, seed=seed)
+                             unet_steps=unet_steps, batch=batch, lr=lr, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                           start_from=start_from)

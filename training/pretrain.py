@@ -5,16 +5,16 @@ MoR-DASR fine-tunes adapters on a pretrained model; SD weights cannot be downloa
 
 1. ``vae``: the autoencoder (L1 reconstruction on HR crops, small latent penalty);
 2. ``estimator``: the degradation estimator, fitted to the known synthetic-degradation scores;
-3. ``unet``: the base UNet as a plain x4 super-resolver of *clean* bicubic inputs, in latent space.
+3. ``unet``: the base UNet as a plain x4 super-resolver of degraded inputs, in latent space.
 
-The adapters later learn what the base does not know: blur, noise and JPEG. The result is
+The adapters then specialise it per degradation, routed by the estimator's scores. The result is
 shipped as ``mordasr/model/pretrained/tiny``; ``mordasr-train base`` reproduces it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,117 +26,85 @@ from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.common import nchw, seed_everything
 from mordasr.training.data import CropSampler, sample_images
-from mordasr.training.degrade import Degradation, degraded_batch
+from mordasr.training.degrade import degraded_batch
+from mordasr.training.pretrain_config import BaseTrainingConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BaseTrainingConfig:
-    vae_steps: int = 2500
-    estimator_steps: int = 3000
-    unet_steps: int = 2000
-    batch: int = 8
-    crop: int = 64
-    lr: float = 1e-3
-    seed: int = 0
+def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+         desc: str, quiet: bool, weight_decay: float = 0.0) -> float:
+    """AdamW with cosine decay on ``module``'s parameters; ``loss_fn(step)`` gives each loss.
 
-
-def _progress(steps: int, desc: str, quiet: bool):
-    return tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True)
-
-
-def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) -> float:
-    sampler = CropSampler(sample_images("train"), cfg.crop, cfg.seed)
-    params = list(model.vae.parameters())
+    The module is trainable during the fit and frozen (eval mode) afterwards.
+    """
+    params = list(module.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps)
-    model.vae.train()
+    opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    module.train()
     loss_value = float("nan")
-    bar = _progress(cfg.vae_steps, "vae", quiet)
-    for _ in bar:
-        x = nchw(sampler.sample(cfg.batch)) * 2 - 1
-        z = model.vae.quant_conv(model.vae.encoder(x))[:, : model.config.latent_channels]
-        y = model.vae.decode(z).sample
-        loss = (y - x).abs().mean() + 1e-4 * z.pow(2).mean()
+    bar = tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True)
+    for step in bar:
+        loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         loss_value = loss.item()
-        bar.set_postfix(l1=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.5f}")
     for p in params:
         p.requires_grad_(False)
-    model.vae.eval()
+    module.eval()
     return loss_value
+
+
+def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) -> float:
+    """L1 reconstruction of HR crops through the latent mean, with a small latent penalty."""
+    sampler = CropSampler(sample_images("train"), cfg.crop, cfg.seed)
+
+    def loss(_step: int) -> torch.Tensor:
+        x = nchw(sampler.sample(cfg.batch)) * 2 - 1
+        z = model.vae.quant_conv(model.vae.encoder(x))[:, : model.config.latent_channels]
+        return (model.vae.decode(z).sample - x).abs().mean() + 1e-4 * z.pow(2).mean()
+
+    return _fit(model.vae, loss, cfg.vae_steps, cfg.lr, "vae", quiet)
 
 
 def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) -> float:
     """Fit the estimator on LR views of many sizes, so whole images and crops both score right."""
     rng = seed_everything(cfg.seed + 1)
     samplers = [CropSampler(sample_images("train"), c, cfg.seed + c) for c in (64, 128, 256)]
-    est = model.estimator
-    params = list(est.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.estimator_steps)
-    est.train()
-    loss_value = float("nan")
-    bar = _progress(cfg.estimator_steps, "estimator", quiet)
-    for step in bar:
-        sampler = samplers[step % len(samplers)]
-        hr = sampler.sample(cfg.batch * 4)
+
+    def loss(step: int) -> torch.Tensor:
+        hr = samplers[step % len(samplers)].sample(cfg.batch * 4)
         lr_images, _, targets = degraded_batch(hr, model.config.scale, rng)
         scores = model.estimate(nchw(lr_images))
-        loss = F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
-        bar.set_postfix(bce=f"{loss_value:.4f}")
-    for p in params:
-        p.requires_grad_(False)
-    est.eval()
-    return loss_value
+        return F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets))
+
+    return _fit(model.estimator, loss, cfg.estimator_steps, cfg.lr, "estimator", quiet, weight_decay=0.01)
 
 
 def train_base_unet(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) -> float:
-    """Base UNet as a clean x4 super-resolver: x0-step output matches the HR latent."""
+    """Base UNet as a plain x4 super-resolver of degraded inputs: x0-step output matches the HR latent.
+
+    It sees the same random degradations as the adapters will, but as one dense model without
+    routing; the adapters then specialise it per degradation.
+    """
     rng = seed_everything(cfg.seed + 2)
     sampler = CropSampler(sample_images("train"), cfg.crop, cfg.seed + 2)
-    params = list(model.unet.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.unet_steps)
-    model.unet.train()
-    clean = [Degradation()] * cfg.batch
-    loss_value = float("nan")
-    bar = _progress(cfg.unet_steps, "unet", quiet)
-    for _ in bar:
+
+    def loss(_step: int) -> torch.Tensor:
         hr = sampler.sample(cfg.batch)
-        lr_images, _, _ = degraded_batch(hr, model.config.scale, rng, clean)
+        lr_images, _, _ = degraded_batch(hr, model.config.scale, rng)
         with torch.no_grad():
             z_l = model.encode(nchw(lr_images))
-            x_hr = nchw(hr) * 2 - 1
-            z_hr = model.vae.quant_conv(model.vae.encoder(x_hr))[:, : model.config.latent_channels]
+            z_hr = model.vae.quant_conv(model.vae.encoder(nchw(hr) * 2 - 1))[:, : model.config.latent_channels]
             z_hr = z_hr * model.config.latent_scale
-        z_h = model.schedule.x0(z_l, model.denoise(z_l))
-        loss = F.mse_loss(z_h, z_hr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
-        bar.set_postfix(mse=f"{loss_value:.5f}")
-    for p in params:
-        p.requires_grad_(False)
-    model.unet.eval()
-    return loss_value
+        return F.mse_loss(model.schedule.x0(z_l, model.denoise(z_l)), z_hr)
+
+    return _fit(model.unet, loss, cfg.unet_steps, cfg.lr, "unet", quiet)
 
 
 STAGES = ("vae", "estimator", "unet")
@@ -158,8 +126,10 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
     if start_from is not None:
         model, meta = load_checkpoint(start_from, add_adapters=False)
         losses, done = dict(meta.get("final_losses", {})), list(meta.get("stages_done", []))
+        history = list(meta.get("history", []))
     else:
         model, losses, done = OneStepSR(preset_config("tiny"), with_adapters=False), {}, []
+        history = []
     trainers = {"vae": ("vae_l1", train_vae), "estimator": ("estimator_bce", train_estimator),
                 "unet": ("unet_latent_mse", train_base_unet)}
     path = Path(out)
@@ -170,7 +140,8 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
         losses[key] = trainer(model, cfg, quiet)
         log.info("stage %s finished: %s = %.5f", stage, key, losses[key])
         done = [s for s in STAGES if s in done or s == stage]
+        history.append({"stage": stage, **vars(cfg), "final_loss": losses[key]})
         meta = {"kind": "base", "random_weights": False, "training": vars(cfg), "final_losses": losses,
-                "stages_done": done}
+                "stages_done": done, "history": history}
         save_checkpoint(model, path, meta)
     return path

@@ -70,7 +70,7 @@ def evaluate(model: OneStepSR, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, 
 
 
 def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path | None = None,
-                   quiet: bool = False) -> dict[str, float]:
+                   quiet: bool = False, random_weights: bool = False) -> dict[str, float]:
     """Train the model's adapters in place; write ``metrics.csv`` and the checkpoint under ``out``."""
     cfg.validate()
     if not model.has_adapters:
@@ -116,7 +116,7 @@ def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path
     model.eval()
     clear_routing(model)
     if out_dir is not None:
-        save_checkpoint(model, out_dir, {"kind": "adapted", "random_weights": False,
+        save_checkpoint(model, out_dir, {"kind": "adapted", "random_weights": random_weights,
                                          "training": asdict(cfg), "final_metrics": rows[-1]})
         with open(out_dir / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

@@ -1,0 +1,1 @@
+"""Benchmarks (``mordasr-bench``): not implemented yet; see the open benchmark issue."""

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from mordasr.errors import MordasrError
+
 # Time embedding, first/last convs, conv shortcuts, output projections (norms are not
 # quantized at all: only Conv/MatMul/Gemm are).
 DEFAULT_KEEP_FLOAT = ("time_emb", "conv_in", "conv_out", "conv_shortcut", "to_out", "proj_out")
@@ -57,6 +59,11 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, feeds: Sequence[
         "CalibTensorRangeSymmetric": True,
     }
     if smoothquant:
+        import importlib.util
+
+        if importlib.util.find_spec("neural_compressor") is None:
+            # ONNX Runtime's SmoothQuant pass lives in Intel Neural Compressor.
+            raise MordasrError("--smoothquant needs neural-compressor: pip install neural-compressor")
         extra.update({"SmoothQuant": True, "SmoothQuantAlpha": 0.5})
     if method == "percentile":
         extra["CalibPercentile"] = 99.99

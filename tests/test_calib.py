@@ -154,3 +154,13 @@ def test_qdq_lint_rules():
 def test_bundle_from_other_precision_is_refused(int8_bundle, tmp_path):
     with pytest.raises(BundleError, match="fp32 bundle"):
         build_precision_bundle(int8_bundle, tmp_path, "fp16")
+
+
+def test_smoothquant_without_its_library_fails_clearly(folded_bundle, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("neural_compressor") is not None:
+        pytest.skip("neural-compressor is installed; this checks the message shown without it")
+    with pytest.raises(MordasrError, match="neural-compressor"):
+        build_precision_bundle(folded_bundle, tmp_path, "int8", images=synthetic_images(2, 4), per_bucket=1,
+                               smoothquant=True)

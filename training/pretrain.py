@@ -73,9 +73,10 @@ def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) ->
 
 
 def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, quiet: bool = False) -> float:
-    """Fit the estimator on LR views of many sizes, so whole images and crops both score right."""
+    """Fit the estimator on LR views of many sizes (16 to 128 px, resized to the router input), so
+    crops and whole images, whose noise a downscaled view partly hides, both score right."""
     rng = seed_everything(cfg.seed + 1)
-    samplers = [CropSampler(sample_images("train"), c, cfg.seed + c) for c in (64, 128, 256)]
+    samplers = [CropSampler(sample_images("train"), c, cfg.seed + c) for c in (64, 128, 256, 512)]
 
     def loss(step: int) -> torch.Tensor:
         hr = samplers[step % len(samplers)].sample(cfg.batch * 4)

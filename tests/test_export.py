@@ -136,8 +136,9 @@ def test_manifest_records_io_and_hashes(folded_bundle, tiny_buckets):
     assert unet["inputs"] == [{"name": "latent", "dtype": "float32",
                                "shape": ["batch", LATENT, "latent_height", "latent_width"]}]
     assert len(data["buckets"]) == len(tiny_buckets)
-    assert data["scheduler"]["timestep"] == 999
-    assert 0 < data["scheduler"]["sqrt_alpha_prod"] < 0.1
+    assert data["scheduler"]["timestep"] == preset_config("tiny").timestep
+    alpha = data["scheduler"]["sqrt_alpha_prod"] ** 2 + data["scheduler"]["sqrt_one_minus_alpha_prod"] ** 2
+    assert abs(alpha - 1) < 1e-9
     assert [d["name"] for d in data["degradations"]][:3] == ["quality", "blur", "noise"]
 
 

@@ -93,8 +93,11 @@ def test_train_cli_adapters_and_errors(tmp_path):
                                              "--crop", "32", "--adapter", "lora", "-q"])
     assert result.exit_code == 0, result.output
     assert "held-out PSNR" in result.output and (out / "model.safetensors").is_file()
-    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--base", str(out)])
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--base", str(out),
+                                             "--adapter", "lora"])
     assert result.exit_code == 2 and "already holds adapters" in result.stderr
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--base", str(out)])
+    assert result.exit_code == 2 and "holds lora adapters, not mor" in result.stderr
     result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "y"), "--base", str(tmp_path)])
     assert result.exit_code == 2 and "not a mordasr checkpoint" in result.stderr
 

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from mordasr.errors import CheckpointError
@@ -95,6 +94,3 @@ def load_checkpoint(path: str | Path, *, add_adapters: bool = True,
     model.eval()
     return model, meta
 
-
-def to_device(model: OneStepSR, device: str | torch.device) -> OneStepSR:
-    return model.to(device)

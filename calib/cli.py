@@ -14,6 +14,10 @@ from mordasr.calib.int8 import CALIBRATION_METHODS, DEFAULT_KEEP_FLOAT
 from mordasr.errors import MordasrError
 
 
+DEFAULT_CALIB_IMAGES = 32
+DEFAULT_EVAL_IMAGES = 4
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"mordasr-calib: error: {message}", err=True)
     sys.exit(code)
@@ -31,7 +35,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
 
     from mordasr.calib.bundle import build_precision_bundle, load_fp32_manifest
     from mordasr.calib.data import folder_images, synthetic_images
-    from mordasr.calib.report import failing_rows, format_table, write_report
+    from mordasr.calib.report import accuracy_report, failing_rows, format_table, write_report
     from mordasr.model.io import load_checkpoint
 
     if out.exists() and not force:
@@ -64,7 +68,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
             build_precision_bundle(bundle, stage, precision, images=images, per_bucket=per_bucket,
                                    method=method, smoothquant=smoothquant, keep_float=keep_float,
                                    source=source, seed=seed, on_graph=lambda _: bar.update(1))
-        rows = accuracy_rows(model, bundle, stage, precision, eval_images)
+        rows = accuracy_report(model, {"fp32": bundle, precision: stage}, eval_images)
         notes = [f"FP32 reference: PyTorch checkpoint {checkpoint}",
                  f"evaluation: {eval_images} degraded crops of held-out photographs per bucket "
                  "(folded bundles force every image through each bucket)",
@@ -91,12 +95,6 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     return rows
 
 
-def accuracy_rows(model, fp32_bundle: Path, candidate: Path, precision: str, eval_images: int) -> list[dict]:
-    from mordasr.calib.report import accuracy_report
-
-    return accuracy_report(model, {"fp32": fp32_bundle, precision: candidate}, eval_images)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -106,7 +104,7 @@ def accuracy_rows(model, fp32_bundle: Path, candidate: Path, precision: str, eva
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="PyTorch checkpoint the bundle came from (FP32 reference) [default: the one "
                    "recorded in the bundle's manifest].")
-@click.option("--calib-images", type=int, default=32, show_default=True,
+@click.option("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES, show_default=True,
               help="INT8: calibration images, split evenly over the buckets (each bucket takes the "
                    "images whose scores lie nearest its centre).")
 @click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
@@ -119,7 +117,7 @@ def accuracy_rows(model, fp32_bundle: Path, candidate: Path, precision: str, eva
               help="INT8: node-name substrings kept in float (repeat the option).")
 @click.option("--min-psnr", type=float, default=None,
               help="Fail (and do not write OUT) when any bucket's PSNR vs FP32 PyTorch is below this, in dB.")
-@click.option("--eval-images", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--eval-images", type=click.IntRange(min=1), default=DEFAULT_EVAL_IMAGES, show_default=True,
               help="Held-out degraded crops per bucket for the accuracy report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (calibration is deterministic).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")

@@ -86,11 +86,11 @@ def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples
                                      force=force, random_weights=bool(meta.get("random_weights")),
                                      source={"checkpoint": str(checkpoint)}, on_graph=on_graph)
         if precision:
-            from mordasr.calib.cli import calibrate
+            from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
 
-            calibrate(fp32_out, out, precision, checkpoint=checkpoint, calib_images=32, calib_dir=None,
-                      method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT, min_psnr=min_psnr,
-                      eval_images=4, seed=seed, force=force, quiet=quiet)
+            calibrate(fp32_out, out, precision, checkpoint=checkpoint, calib_images=DEFAULT_CALIB_IMAGES,
+                      calib_dir=None, method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT,
+                      min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=force, quiet=quiet)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     if not quiet:

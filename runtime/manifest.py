@@ -129,6 +129,8 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
         raise BundleError(f"{path}: malformed manifest ({err}); re-export the bundle") from None
     if manifest.mode not in MODES:
         raise BundleError(f"{path}: unknown export mode {manifest.mode!r}")
+    if manifest.precision not in PRECISIONS:
+        raise BundleError(f"{path}: unknown precision {manifest.precision!r}")
     if verify_hashes:
         for g in manifest.graphs:
             file = bundle_dir / g.file

@@ -1,1 +1,1 @@
-"""Benchmarks (``mordasr-bench``): not implemented yet; see the open benchmark issue."""
+"""Benchmarks (``mordasr-bench``): MoR variants against dense LoRA, measured side by side in one run."""

@@ -22,6 +22,8 @@ from mordasr.calib.fp16 import convert_fp16
 from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT, quantize_int8
 from mordasr.calib.qdq_lint import lint_qdq
 from mordasr.errors import BundleError, MordasrError
+from mordasr.export.lint import check_bundle_graphs
+from mordasr.export.weight_packs import write_weight_packs
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest, sha256_file
 from mordasr.runtime.pipeline import Restorer
 
@@ -88,7 +90,8 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
     graphs = []
     for g in manifest.graphs:
         if g.component not in CONVERTED:
-            shutil.copy2(src / g.file, dst / g.file)
+            for file in filter(None, (g.file, g.external_data)):
+                shutil.copy2(src / file, dst / file)
             graphs.append(g)
             continue
         if precision == "fp16":
@@ -99,10 +102,17 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
             problems = lint_qdq(model)
             if problems:
                 raise MordasrError(f"{g.file}: Q/DQ lint failed ({len(problems)} problems), first: {problems[0]}")
-        graphs.append(replace(g, sha256=sha256_file(dst / g.file), precision=precision))
+        # Converted graphs are saved whole: FP16/INT8 halve (or quarter) the weights.
+        graphs.append(replace(g, sha256=sha256_file(dst / g.file), precision=precision,
+                              external_data=None, external_sha256=None))
         if on_graph:
             on_graph(g.file)
+    lint = tuple(manifest.source.get("tensorrt_lint", ()))
+    if lint:
+        check_bundle_graphs(dst, [g.file for g in graphs], lint)
+    # Packs hold the converted tensors (FP16 weights; INT8 weights and per-bucket scales).
+    packs = write_weight_packs(dst, graphs) if manifest.weight_packs else []
     new = replace(manifest, precision=precision, graphs=graphs, calibration=calibration,
-                  source=dict(manifest.source, fp32_bundle=str(src)))
+                  weight_packs=packs, engines=[], source=dict(manifest.source, fp32_bundle=str(src)))
     new.write(dst)
     return new

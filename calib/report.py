@@ -88,7 +88,7 @@ def accuracy_report(model: OneStepSR, bundles: dict[str, str | Path], eval_image
                 for k, v in metrics.items():
                     sums[p].setdefault(k, []).append(v)
         for p, values in sums.items():
-            row = {"bucket": bucket, "label": first.manifest.buckets[bucket].label if bucket is not None else "gated",
+            row = {"bucket": bucket, "label": first.manifest.buckets[bucket].label if bucket is not None else first.manifest.mode,
                    "precision": p, "images": len(lrs)}
             for k, v in values.items():
                 row[k] = float(np.max(v)) if k == "max_abs_error" else float(np.min(v)) if k == "finite" else float(np.mean(v))

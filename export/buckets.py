@@ -55,6 +55,14 @@ def make_buckets(centres: np.ndarray, names: list[str]) -> list[Bucket]:
             for i, c in enumerate(centres)]
 
 
+def grid_buckets(k: int, names: list[str]) -> list[Bucket]:
+    """``k`` evenly spaced severities along the diagonal (every score equal), mild to severe."""
+    if k < 1:
+        raise ValueError("the number of buckets must be at least 1")
+    levels = (np.arange(k, dtype=np.float32) + 0.5) / k
+    return make_buckets(np.repeat(levels[:, None], len(names), axis=1), names)
+
+
 def default_buckets(model: OneStepSR, k: int, samples: int = 256, seed: int = 0) -> list[Bucket]:
     names = [p[0] for p in model.config.prompts]
     return make_buckets(kmeans(calibration_scores(model, samples, seed=seed), k, seed), names)

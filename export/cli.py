@@ -22,15 +22,40 @@ def _fail(message: str) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (manifest.json + one .onnx per graph).")
-@click.option("--mode", type=click.Choice(MODES), default="folded", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=None,
               help="folded: one encoder+UNet graph per bucket with routing merged into the "
                    "weights (costs exactly the base model); gated: one graph set taking the "
-                   "degradation scores as an input (base + low-rank branch).")
+                   "degradation scores as an input (base + low-rank branch); hybrid: shared ranks "
+                   "merged, routed ranks gated; dense-lora: the merged LoRA baseline (LoRA "
+                   "checkpoints). [default: folded for MoR, dense-lora for LoRA]")
 @click.option("--buckets", "num_buckets", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Folded mode: number of buckets, k-means centres of the estimator's scores "
-                   "on degraded training crops (dense LoRA always has 1).")
+              help="Folded mode: number of buckets.")
+@click.option("--bucket-placement", type=click.Choice(["kmeans", "grid"]), default="kmeans", show_default=True,
+              help="kmeans: centres of the estimator's scores on degraded training crops; grid: "
+                   "evenly spaced severities (every score equal) from mild to severe.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Degraded crops scored to place the buckets.")
+              help="Degraded crops scored to place k-means buckets.")
+@click.option("--no-weight-packs", is_flag=True,
+              help="Folded mode: skip the per-bucket weight packs (packs/*.safetensors) that let one "
+                   "refittable engine switch buckets.")
+@click.option("--min-size", default="256", show_default=True,
+              help="Engine profile: smallest output, N or WxH pixels (converted to latent shapes).")
+@click.option("--opt-size", default="512", show_default=True, help="Engine profile: output size to tune for.")
+@click.option("--max-size", default="1024", show_default=True,
+              help="Engine profile: largest output; larger images must be tiled.")
+@click.option("--refittable", is_flag=True,
+              help="Engines: build refittable engines; a folded bundle then builds bucket 0 only "
+                   "and switches buckets by refit from its weight packs.")
+@click.option("--workspace-mb", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="Engines: builder workspace limit in MiB (lower it on 8 GB Jetsons).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="Engines: TensorRT builder optimization level.")
+@click.option("--strongly-typed", is_flag=True,
+              help="Engines on TensorRT 10: strongly typed network instead of FP16/INT8 builder "
+                   "flags (TensorRT 11 is always strongly typed).")
+@click.option("--engines", "build_now", is_flag=True,
+              help="Also build TensorRT engines here (needs tensorrt and a GPU). Every export writes "
+                   "build_engines.sh with the same builds as trtexec lines for the target device.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True,
               help="ONNX opset.")
 @click.option("--no-slim", is_flag=True, help="Skip onnxslim graph cleaning.")
@@ -45,14 +70,19 @@ def _fail(message: str) -> None:
               help="With --fp16/--int8: refuse the bundle when a bucket's PSNR vs FP32 PyTorch is below this (dB).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples: int, opset: int,
-         no_slim: bool, seed: int, precision: str | None, min_psnr: float | None, force: bool,
-         quiet: bool) -> None:
+def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket_placement: str,
+         calib_samples: int, no_weight_packs: bool, min_size: str, opt_size: str, max_size: str,
+         refittable: bool, workspace_mb: int, opt_level: int, strongly_typed: bool, build_now: bool,
+         opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
+         force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
 
     Graphs: router (CLIP image tower + stored prompt embeddings -> scores), encoder (bicubic
     upsample + VAE encoder, latent mean), unet (t and text conditioning baked in), decoder.
-    Each graph is constant-folded, slimmed and checked by onnx.checker with shape inference.
+    Each graph is constant-folded, slimmed, checked by onnx.checker with shape inference, and
+    linted against the ONNX operators TensorRT 10 and 11 parse. Every bundle also gets
+    build_engines.sh (trtexec lines for the target device); --engines builds here when TensorRT
+    imports.
     """
     logging.basicConfig(level=logging.WARNING)
     fp32_out = out.with_name(out.name + "-fp32") if precision else out
@@ -61,22 +91,32 @@ def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples
             _fail(f"{path} already exists (pass --force to replace it)")
     from tqdm import tqdm
 
-    from mordasr.export.buckets import default_buckets
-    from mordasr.export.bundle import export_bundle
+    from mordasr.export.buckets import default_buckets, grid_buckets
+    from mordasr.export.bundle import check_mode, default_mode, export_bundle
+    from mordasr.export.engines import EngineOptions, build_engines
+    from mordasr.export.tensorrt_config import parse_size
+    from mordasr.export.trtexec import write_trtexec_script
     from mordasr.model.io import load_checkpoint
+    from mordasr.runtime.manifest import load_manifest
 
     try:
         model, meta = load_checkpoint(checkpoint, add_adapters=False)
         if not model.has_adapters:
             _fail(f"{checkpoint} is a base checkpoint without adapters; train adapters first "
                   "(mordasr-train adapters)")
-        if model.config.adapter.kind == "lora" and num_buckets != 1:
-            num_buckets = 1  # dense LoRA gates are the same for every image
-        if mode == "folded":
-            buckets = default_buckets(model, num_buckets, calib_samples, seed)
+        mode = mode or default_mode(model.config.adapter.kind)
+        check_mode(model.config.adapter.kind, mode)
+        engine_options = EngineOptions(min_size, opt_size, max_size, refittable=refittable,
+                                       strongly_typed=True if strongly_typed else None,
+                                       workspace_mb=workspace_mb, optimization_level=opt_level)
+        for size in (min_size, opt_size, max_size):
+            parse_size(size)
+        k = num_buckets if mode == "folded" else 1  # other modes record one bucket for reference
+        if bucket_placement == "grid":
+            buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
         else:
-            buckets = default_buckets(model, 1, calib_samples, seed)  # recorded for reference
-        total = 2 + (2 * len(buckets) if mode == "folded" else 2)
+            buckets = default_buckets(model, k, calib_samples, seed)
+        total = 2 + 2 * len(buckets) if mode == "folded" else 4
         with tqdm(total=total, desc="export", unit="graph", disable=quiet, file=sys.stderr) as bar:
             def on_graph(name: str) -> None:
                 bar.set_postfix_str(name)
@@ -84,19 +124,31 @@ def main(checkpoint: Path, out: Path, mode: str, num_buckets: int, calib_samples
 
             manifest = export_bundle(model, fp32_out, mode, buckets, opset=opset, slim=not no_slim,
                                      force=force, random_weights=bool(meta.get("random_weights")),
-                                     source={"checkpoint": str(checkpoint)}, on_graph=on_graph)
+                                     weight_packs=not no_weight_packs,
+                                     source={"checkpoint": str(checkpoint),
+                                             "bucket_placement": bucket_placement},
+                                     on_graph=on_graph)
         if precision:
             from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
 
             calibrate(fp32_out, out, precision, checkpoint=checkpoint, calib_images=DEFAULT_CALIB_IMAGES,
                       calib_dir=None, method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT,
                       min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=force, quiet=quiet)
+        written = [fp32_out] + ([out] if precision else [])
+        for path in written:
+            write_trtexec_script(path, load_manifest(path), engine_options)
+        if build_now:
+            for path in written:
+                for engine in build_engines(path, engine_options):
+                    if not quiet:
+                        click.echo(f"built {path / engine.file} ({engine.build_seconds:.1f} s)")
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     if not quiet:
         if precision:
             click.echo(f"wrote {out} ({precision}, accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
         click.echo(f"wrote {fp32_out}: {manifest.mode} {manifest.adapter} bundle, "
-                   f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s)")
+                   f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s), "
+                   f"{len(manifest.weight_packs)} weight packs, build_engines.sh")
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,39 +16,61 @@ from mordasr.export.graphs import ComponentSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+# Protobuf cannot serialise a message past 2 GiB; stay well under it (sd21's UNet is ~3.4 GB fp32).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
 ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                  onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                  onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
 
 
 def export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], spec: ComponentSpec,
-                path: str | Path, opset: int = DEFAULT_OPSET, slim: bool = True) -> onnx.ModelProto:
-    """Trace ``module`` with ``args`` into ``path``; constant-fold, slim and check the graph."""
+                path: str | Path, opset: int = DEFAULT_OPSET, slim: bool = True,
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[onnx.ModelProto, str | None]:
+    """Trace ``module`` with ``args`` into ``path``; constant-fold, slim and check the graph.
+
+    Graphs larger than ``external_threshold`` bytes keep their weights in ``<file>.data`` next
+    to the graph (ONNX external data). Returns the graph (weights not loaded when external) and
+    the external data file name, or None.
+    """
     path = Path(path)
     module = module.eval()
     input_names = [io.name for io in spec.inputs][: len(args)]
     output_names = [io.name for io in spec.outputs]
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter warns about its own deprecation and about traced Python
-        # control flow that is constant for our fixed configs.
-        warnings.simplefilter("ignore")
-        # nn.MultiheadAttention's inference fast path (open_clip's vision tower) has no ONNX
-        # symbolic; the regular path exports to plain MatMul/Softmax.
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
-                              input_names=input_names, output_names=output_names,
-                              dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-    model = onnx.load(str(path))
-    if slim:
-        model = _slim(model)
-    onnx.checker.check_model(model, full_check=True)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.save(model, str(path))
-    return model
+    with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as scratch:
+        # The exporter writes one file per tensor for graphs past 2 GiB; trace into a scratch
+        # folder so only the final graph (and at most one data file) lands in the bundle.
+        traced = Path(scratch) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter warns about its own deprecation and about traced Python
+            # control flow that is constant for our fixed configs.
+            warnings.simplefilter("ignore")
+            # nn.MultiheadAttention's inference fast path (open_clip's vision tower) has no ONNX
+            # symbolic; the regular path exports to plain MatMul/Softmax.
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=opset,
+                                  input_names=input_names, output_names=output_names,
+                                  dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+        model = onnx.load(str(traced))
+        if slim:
+            model = _slim(model)
+        weights = sum(len(i.raw_data) or i.ByteSize() for i in model.graph.initializer)
+        if weights <= external_threshold:
+            onnx.checker.check_model(model, full_check=True)
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            onnx.save(model, str(path))
+            return model, None
+        data_name = path.name + ".data"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+    del model
+    # Checker and shape inference take the path for graphs whose weights live outside.
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True)
+    return onnx.load(str(path), load_external_data=False), data_name
 
 
 def _slim(model: onnx.ModelProto) -> onnx.ModelProto:

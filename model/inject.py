@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mordasr.model.adapters import (AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLinear,
-                                    RoutingContext)
+from mordasr.model.adapters import (AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLayer,
+                                    MoRLinear, RoutingContext)
 from mordasr.model.config import AdapterConfig
 
 
@@ -56,6 +56,22 @@ def adapter_layers(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in root.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module
+
+
+def hybrid_adapters(root: nn.Module) -> nn.Module:
+    """A copy of ``root`` whose MoR layers have their shared ranks merged into the base weights.
+
+    Only the routed ranks stay as a gated low-rank branch: the ``hybrid`` export mode.
+    """
+    hybrid = copy.deepcopy(root)
+    for name, layer in list(adapter_layers(hybrid)):
+        if not isinstance(layer, MoRLayer):
+            raise ValueError(f"{name}: hybrid export needs Mixture-of-Ranks adapters, "
+                             f"found {type(layer).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        parent = hybrid.get_submodule(parent_name) if parent_name else hybrid
+        setattr(parent, child, layer.split_shared())
+    return hybrid
 
 
 def fold_adapters(root: nn.Module, scores: torch.Tensor) -> nn.Module:

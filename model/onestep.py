@@ -1,6 +1,6 @@
 """OneStepSR: the MoR-DASR data path in PyTorch.
 
-    x      = bicubic_upsample(x_lr) * 2 - 1
+    x      = bicubic_upsample(x_lr, scale) * 2 - 1
     d      = DegradationEstimator(view(x_lr))
     z_l    = Enc(x).mean * latent_scale                 (adapters on the encoder)
     eps    = UNet(z_l, t=T, text=null, route=d)         (adapters on the UNet)
@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mordasr.model.adapters import RoutingContext
 from mordasr.model.config import ModelConfig
 from mordasr.model.degradation import DegradationEstimator, build_vision_tower
 from mordasr.model.inject import adapter_layers, inject_adapters
+from mordasr.model.resample import bicubic_upsample
 from mordasr.model.scheduler import one_step_schedule
 
 
@@ -72,10 +72,7 @@ class OneStepSR(nn.Module):
 
     def encode(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Latent mean (scaled) of the bicubic-upsampled low-resolution images in [0, 1]."""
-        h, w = x_lr.shape[-2:]
-        s = self.config.scale
-        x = F.interpolate(x_lr, size=(h * s, w * s), mode="bicubic", align_corners=False)
-        x = x * 2 - 1
+        x = bicubic_upsample(x_lr, self.config.scale) * 2 - 1
         moments = self.vae.encoder(x)
         if getattr(self.vae, "quant_conv", None) is not None:
             moments = self.vae.quant_conv(moments)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from mordasr.runtime.manifest import MODES
+
 DEMO_DEGRADATION = {"blur_sigma": 1.2, "noise_sigma": 8 / 255, "jpeg_quality": 60}
 
 
@@ -33,8 +35,9 @@ def _quality(image, reference) -> tuple[float, float]:
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Adapter training steps (about 0.4 s each on 2 CPU cores).")
 @click.option("--adapter", type=click.Choice(["mor", "lora"]), default="mor", show_default=True)
-@click.option("--mode", type=click.Choice(["folded", "gated"]), default="folded", show_default=True,
-              help="Export mode of the bundle (see mordasr-export --help).")
+@click.option("--mode", type=click.Choice(MODES), default=None,
+              help="Export mode of the bundle (see mordasr-export --help) [default: folded for "
+                   "MoR, dense-lora for LoRA].")
 @click.option("--buckets", type=click.IntRange(min=1), default=4, show_default=True,
               help="Folded mode: number of degradation buckets.")
 @click.option("--image", type=click.Choice(["astronaut", "chelsea"]), default="astronaut", show_default=True,
@@ -49,13 +52,20 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     from PIL import Image
 
     from mordasr.export.buckets import default_buckets
-    from mordasr.export.bundle import export_bundle
+    from mordasr.errors import MordasrError
+    from mordasr.export.bundle import check_mode, default_mode, export_bundle
     from mordasr.model.io import load_checkpoint, tiny_base_path
     from mordasr.runtime import Restorer
     from mordasr.runtime.images import read_image, write_image
     from mordasr.training.data import load_sample_image
     from mordasr.training.degrade import Degradation, degrade
     from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+
+    mode = mode or default_mode(adapter)
+    try:
+        check_mode(adapter, mode)
+    except MordasrError as err:
+        raise click.UsageError(str(err)) from None
 
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(seed)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mordasr.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 2 added hybrid/dense-lora modes, weight packs, engines
 MANIFEST_NAME = "manifest.json"
-MODES = ("folded", "gated")
+# folded: per-bucket graphs with routing merged; gated: one graph set fed the scores;
+# hybrid: shared ranks merged, routed ranks gated; dense-lora: the merged LoRA baseline.
+MODES = ("folded", "gated", "hybrid", "dense-lora")
+SCORE_FED_MODES = ("gated", "hybrid")
 PRECISIONS = ("fp32", "fp16", "int8")
 COMPONENTS = ("router", "encoder", "unet", "decoder")
 
@@ -39,10 +45,40 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     precision: str = "fp32"  # arithmetic inside the graph; I/O dtypes are in inputs/outputs
+    external_data: str | None = None  # weights file next to graphs past protobuf's 2 GB limit
+    external_sha256: str | None = None
 
     @property
     def key(self) -> str:
         return self.component if self.bucket is None else f"{self.component}.b{self.bucket}"
+
+
+@dataclass
+class WeightPack:
+    """A folded bucket's differing tensors (safetensors), applied over ``base_graph``."""
+
+    component: str
+    bucket: int
+    file: str
+    sha256: str
+    base_graph: str  # the bucket-0 graph file the pack's names refer to
+    tensors: int
+    bytes: int
+
+
+@dataclass
+class EngineSpec:
+    """A TensorRT engine built from one graph for one GPU and TensorRT version."""
+
+    graph: str  # GraphSpec.key
+    file: str
+    sha256: str
+    compute_capability: str  # e.g. "8.7"
+    tensorrt_version: str  # e.g. "10.3.0"
+    precision: str
+    profile: dict[str, list[list[int]]]  # input name -> [min, opt, max] shapes
+    refittable: bool = False
+    build_seconds: float = 0.0
 
 
 @dataclass
@@ -70,6 +106,9 @@ class Manifest:
     random_weights: bool
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # how reduced precisions were made
+    weight_packs: list[WeightPack] = field(default_factory=list)
+    engines: list[EngineSpec] = field(default_factory=list)
+    latent_downsample: int = 8  # image pixels per latent pixel (for shape profiles)
     schema_version: int = SCHEMA_VERSION
     mordasr_version: str = ""
 
@@ -81,12 +120,32 @@ class Manifest:
         raise BundleError(f"bundle has no {component} graph"
                           + (f" for bucket {bucket}" if want_bucket is not None else ""))
 
+    @property
+    def feeds_scores(self) -> bool:
+        """Whether the encoder and UNet graphs take the degradation scores as an input."""
+        return self.mode in SCORE_FED_MODES
+
+    def weight_pack(self, component: str, bucket: int) -> WeightPack | None:
+        for p in self.weight_packs:
+            if p.component == component and p.bucket == bucket:
+                return p
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def write(self, bundle_dir: str | Path) -> Path:
+        """Write ``manifest.json`` atomically (temp file + rename): a reader never sees half."""
         path = Path(bundle_dir) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -96,6 +155,9 @@ class Manifest:
         data["graphs"] = [GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
                                          "outputs": [TensorSpec(**t) for t in g["outputs"]]})
                           for g in data["graphs"]]
+        data["weight_packs"] = [WeightPack(**p) for p in data.get("weight_packs", [])]
+        data["engines"] = [EngineSpec(**e) for e in data.get("engines", [])]
+        data["schema_version"] = SCHEMA_VERSION  # schema 1 lacks only fields that have defaults
         return cls(**data)
 
 
@@ -120,7 +182,7 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BundleError(f"{path}: unreadable manifest ({err}); re-export the bundle") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise BundleError(f"{path}: manifest schema {version!r}, this runtime reads schema "
                           f"{SCHEMA_VERSION}; re-export the bundle with this mordasr version")
     try:
@@ -132,11 +194,18 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     if manifest.precision not in PRECISIONS:
         raise BundleError(f"{path}: unknown precision {manifest.precision!r}")
     if verify_hashes:
-        for g in manifest.graphs:
-            file = bundle_dir / g.file
-            if not file.is_file():
-                raise BundleError(f"bundle file {g.file} is missing; re-export the bundle")
-            if sha256_file(file) != g.sha256:
-                raise BundleError(f"bundle file {g.file} does not match its sha256 in the manifest "
-                                  "(modified or corrupted); re-export the bundle")
+        checked = [(g.file, g.sha256) for g in manifest.graphs]
+        checked += [(g.external_data, g.external_sha256) for g in manifest.graphs if g.external_data]
+        checked += [(p.file, p.sha256) for p in manifest.weight_packs]
+        for name, digest in checked:
+            verify_file(bundle_dir, name, digest)
     return manifest
+
+
+def verify_file(bundle_dir: Path, name: str, digest: str) -> None:
+    file = bundle_dir / name
+    if not file.is_file():
+        raise BundleError(f"bundle file {name} is missing; re-export the bundle")
+    if sha256_file(file) != digest:
+        raise BundleError(f"bundle file {name} does not match its sha256 in the manifest "
+                          "(modified or corrupted); re-export the bundle")

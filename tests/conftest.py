@@ -53,6 +53,29 @@ def gated_bundle(tiny_model, tiny_buckets, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def hybrid_bundle(tiny_model, tiny_buckets, tmp_path_factory):
+    from mordasr.export.bundle import export_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "hybrid"
+    export_bundle(tiny_model, path, "hybrid", tiny_buckets[:1])
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_model() -> OneStepSR:
+    return make_tiny_model("lora")
+
+
+@pytest.fixture(scope="session")
+def dense_lora_bundle(lora_model, tiny_buckets, tmp_path_factory):
+    from mordasr.export.bundle import export_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "dense-lora"
+    export_bundle(lora_model, path, "dense-lora", tiny_buckets[:1])
+    return path
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

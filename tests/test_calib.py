@@ -67,19 +67,29 @@ def test_int8_report_is_measured(int8_bundle):
     assert "| precision |" in (int8_bundle / "accuracy.md").read_text()
 
 
-def test_fp16_bundle(folded_bundle, checkpoint, tmp_path):
+SCORE_FED_FP16 = pytest.mark.xfail(
+    reason="known issue: on one held-out crop the FP16 gated/hybrid encoder drifts 0.12 from FP32 "
+           "(folded: 0.006) and the image reaches only ~30 dB vs FP32; routing is kept FP32 and the "
+           "cause is still open", strict=False)
+
+
+@pytest.mark.parametrize("mode", ["folded", pytest.param("gated", marks=SCORE_FED_FP16),
+                                  pytest.param("hybrid", marks=SCORE_FED_FP16)])
+def test_fp16_bundle(mode, request, checkpoint, tmp_path):
+    bundle = request.getfixturevalue(f"{mode}_bundle")
     out = tmp_path / "fp16"
-    result = CliRunner().invoke(calib_main, [str(folded_bundle), "-o", str(out), "--precision", "fp16",
+    result = CliRunner().invoke(calib_main, [str(bundle), "-o", str(out), "--precision", "fp16",
                                              "--checkpoint", str(checkpoint), "--eval-images", "1", "-q"])
     assert result.exit_code == 0, result.output
     manifest = load_manifest(out)
-    unet = onnx.load(str(out / "unet.b0.onnx"))
+    unet = onnx.load(str(out / manifest.graph("unet", 0).file))
     assert any(i.data_type == TensorProto.FLOAT16 for i in unet.graph.initializer)
     assert unet.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # I/O kept float32
     assert manifest.precision == "fp16"
     rows = json.loads((out / "accuracy.json").read_text())["rows"]
     assert all(r["finite"] == 1.0 for r in rows)
-    assert all(r["psnr_vs_fp32_torch"] > 35 for r in rows if r["precision"] == "fp16")
+    assert all(r["psnr_vs_fp32_torch"] > 35 for r in rows if r["precision"] == "fp16"), [
+        (r["precision"], r["psnr_vs_fp32_torch"], r["unet_cosine"]) for r in rows]
 
 
 def test_calibration_is_deterministic(folded_bundle, tmp_path):
@@ -164,3 +174,16 @@ def test_smoothquant_without_its_library_fails_clearly(folded_bundle, tmp_path):
     with pytest.raises(MordasrError, match="neural-compressor"):
         build_precision_bundle(folded_bundle, tmp_path, "int8", images=synthetic_images(2, 4), per_bucket=1,
                                smoothquant=True)
+
+
+def test_int8_weight_packs_switch_buckets(int8_bundle):
+    """Packs of a reduced-precision bundle carry its converted tensors (INT8 weights, per-bucket
+    scales): refitting bucket 0's graph reproduces each bucket's own INT8 graph."""
+    manifest = load_manifest(int8_bundle)
+    assert {(p.component, p.bucket) for p in manifest.weight_packs} == {(c, b) for c in ("encoder", "unet")
+                                                                          for b in (0, 1)}
+    image = np.random.default_rng(1).uniform(0, 1, (12, 12, 3)).astype(np.float32)
+    graphs, refit = Restorer(int8_bundle), Restorer(int8_bundle, bucket_switch="refit")
+    for bucket in (1, 0):
+        expected = graphs.restore(image, bucket=bucket).image
+        assert np.abs(refit.restore(image, bucket=bucket).image - expected).max() < 1e-4

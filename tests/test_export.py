@@ -128,7 +128,7 @@ def test_folded_graphs_hold_no_routing(folded_bundle):
 
 def test_manifest_records_io_and_hashes(folded_bundle, tiny_buckets):
     data = json.loads((folded_bundle / "manifest.json").read_text())
-    assert data["schema_version"] == 1 and data["mode"] == "folded" and data["precision"] == "fp32"
+    assert data["schema_version"] == 2 and data["mode"] == "folded" and data["precision"] == "fp32"
     files = {g["file"] for g in data["graphs"]}
     assert files == {"router.onnx", "decoder.onnx", "encoder.b0.onnx", "encoder.b1.onnx",
                      "unet.b0.onnx", "unet.b1.onnx"}

@@ -203,3 +203,16 @@ def test_every_adapter_layer_shares_one_routing_context(tiny_model):
     contexts = {id(layer.routing) for _, layer in tiny_model.adapter_layers()}
     assert contexts == {id(tiny_model.routing)}
     assert all(isinstance(layer, AdapterLayer) for _, layer in tiny_model.adapter_layers())
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.integers(1, 4), height=st.integers(1, 13), width=st.integers(1, 13))
+def test_bicubic_upsample_equals_pytorch_bicubic(scale, height, width):
+    """The TensorRT-parseable upsample (pad + conv + interleave) is PyTorch's bicubic."""
+    import torch.nn.functional as F
+
+    from mordasr.model.resample import bicubic_upsample
+
+    x = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(height * 31 + width))
+    expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+    assert torch.allclose(bicubic_upsample(x, scale), expected, atol=2e-6)

@@ -98,14 +98,17 @@ def test_manifest_schema_and_json_errors(folded_bundle, tmp_path):
         load_manifest(bundle)
 
 
-def test_runtime_never_imports_torch(gated_bundle):
+def test_runtime_never_imports_torch(gated_bundle, folded_bundle):
     code = (
         "import sys, numpy as np\n"
         "from mordasr.runtime import Restorer\n"
         "from mordasr.runtime.cli import main\n"
+        "import mordasr.runtime.backends.tensorrt, mordasr.runtime.compare\n"
         f"r = Restorer({str(gated_bundle)!r})\n"
         "out = r.restore(np.random.rand(8, 10, 3).astype(np.float32))\n"
         "assert out.image.shape == (32, 40, 3)\n"
+        f"r = Restorer({str(folded_bundle)!r}, bucket_switch='refit')\n"
+        "out = r.restore(np.random.rand(8, 10, 3).astype(np.float32), bucket=1)\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'open_clip'))\n"
         "print('LOADED', bad)\n"
         "sys.exit(1 if bad else 0)\n"

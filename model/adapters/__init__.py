@@ -3,6 +3,6 @@
 
 from mordasr.model.adapters.base import AdapterLayer, RoutingContext
 from mordasr.model.adapters.lora import LoRAConv2d, LoRALinear
-from mordasr.model.adapters.mor import MoRConv2d, MoRLinear
+from mordasr.model.adapters.mor import MoRConv2d, MoRLayer, MoRLinear
 
-__all__ = ["AdapterLayer", "LoRAConv2d", "LoRALinear", "MoRConv2d", "MoRLinear", "RoutingContext"]
+__all__ = ["AdapterLayer", "LoRAConv2d", "LoRALinear", "MoRConv2d", "MoRLayer", "MoRLinear", "RoutingContext"]

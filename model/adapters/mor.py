@@ -8,6 +8,8 @@ so a clean image activates fewer ranks.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -45,8 +47,33 @@ class MoRLayer(AdapterLayer):
         chosen = probs * kept
         chosen = chosen / chosen.sum(dim=-1, keepdim=True)
         routed = chosen[..., : self.r_routed]
+        if not self.r_shared:
+            return routed
         shared = torch.ones(scores.shape[0], self.r_shared, dtype=probs.dtype, device=probs.device)
         return torch.cat([shared, routed], dim=-1)
+
+    def split_shared(self) -> nn.Module:
+        """This layer with its shared ranks merged into a copy of the base weight (hybrid export).
+
+        The result routes only the ``r_routed`` ranks; its output equals this layer's for every
+        score vector. With no routed ranks the merged base layer itself is returned.
+        """
+        base = copy.deepcopy(self.base_layer)
+        shared_gate = torch.zeros(self.rank, dtype=base.weight.dtype)
+        shared_gate[: self.r_shared] = 1
+        with torch.no_grad():
+            base.weight.add_(self.delta_weight(shared_gate))
+        if not self.r_routed:
+            return base
+        routed = type(self)(base, r_shared=0, r_routed=self.r_routed, top_k=self.top_k,
+                            n_zero=self.n_zero, num_scores=self.router.in_features, alpha=None,
+                            routing=self.routing)
+        routed.scaling = self.scaling  # alpha / (r_shared + r_routed), not alpha / r_routed
+        with torch.no_grad():
+            routed.lora_A.weight.copy_(self.lora_A.weight[self.r_shared:])
+            routed.lora_B.weight.copy_(self.lora_B.weight[:, self.r_shared:])
+        routed.router.load_state_dict(self.router.state_dict())
+        return routed.to(self.lora_A.weight.device).train(self.training)
 
     def extra_repr(self) -> str:
         return (f"r_shared={self.r_shared}, r_routed={self.r_routed}, top_k={self.top_k}, "

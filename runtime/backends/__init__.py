@@ -1,5 +1,6 @@
 """Inference backends behind one small protocol: ``Backend(manifest, bundle_dir)`` and
-``run(graph, feeds) -> outputs``. Optional backends are imported only when chosen."""
+``run(graph, feeds) -> outputs``. Optional backends are imported only when chosen (polygraphy's
+lazy-loader habit), so a CPU-only install never touches CUDA or TensorRT."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from mordasr.runtime.manifest import GraphSpec, Manifest
 
-BACKENDS = ("onnxruntime",)
+ORT_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt")
+BACKENDS = ORT_BACKENDS + ("tensorrt",)
 
 
 class Backend(Protocol):
@@ -20,8 +22,13 @@ class Backend(Protocol):
 
 
 def create_backend(name: str, manifest: Manifest, bundle_dir: str | Path, **options) -> Backend:
-    if name == "onnxruntime":
+    if name in ORT_BACKENDS:
         from mordasr.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(manifest, bundle_dir, **options)
+        return OnnxRuntimeBackend(manifest, bundle_dir, backend=name, **options)
+    if name == "tensorrt":
+        from mordasr.runtime.backends.tensorrt import TensorRTBackend
+
+        options.pop("threads", None)  # a CPU-thread knob means nothing to an engine
+        return TensorRTBackend(manifest, bundle_dir, **options)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

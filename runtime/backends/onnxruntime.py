@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: one InferenceSession per graph, created on first use."""
+"""ONNX Runtime backend: one InferenceSession per graph, created on first use.
+
+Execution providers: CPU (``onnxruntime``), CUDA (``ort-cuda``) and TensorRT (``ort-trt``, with
+its engine and timing caches on disk). With ``bucket_switch="refit"`` a folded bundle keeps one
+encoder and one UNet session: switching bucket rebuilds that session from the bucket-0 graph with
+the bucket's weight pack written over its initializers (full tensors, never deltas), the ONNX
+Runtime counterpart of refitting one TensorRT engine instead of holding one per bucket.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,14 @@ import numpy as np
 
 from mordasr.errors import BundleError, MordasrError
 from mordasr.runtime.manifest import GraphSpec, Manifest
+from mordasr.runtime.weight_packs import load_weight_pack
+
+PROVIDERS = {
+    "onnxruntime": ("CPUExecutionProvider",),
+    "ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "ort-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+BUCKET_SWITCHES = ("graphs", "refit")
 
 
 def _import_ort():
@@ -19,31 +34,92 @@ def _import_ort():
     return onnxruntime
 
 
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+def provider_chain(backend: str, precision: str, cache_dir: str | Path) -> list:
+    """Providers with their options for a backend name, most preferred first.
 
-    def __init__(self, manifest: Manifest, bundle_dir: str | Path,
-                 providers: list[str] | None = None, threads: int | None = None) -> None:
+    The TensorRT provider caches engines and timing data under ``cache_dir`` so a second run
+    skips the build; FP16/INT8 are enabled to match the bundle's precision (its graphs already
+    carry the FP16 types or Q/DQ nodes).
+    """
+    if backend not in PROVIDERS:
+        raise MordasrError(f"unknown ONNX Runtime backend {backend!r}; choose one of {', '.join(PROVIDERS)}")
+    chain: list = []
+    for name in PROVIDERS[backend]:
+        if name == "TensorrtExecutionProvider":
+            cache = str(Path(cache_dir))
+            chain.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                                 "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+                                 "trt_fp16_enable": precision == "fp16",
+                                 "trt_int8_enable": precision == "int8"}))
+        else:
+            chain.append(name)
+    return chain
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, manifest: Manifest, bundle_dir: str | Path, backend: str = "onnxruntime",
+                 threads: int | None = None, bucket_switch: str = "graphs",
+                 cache_dir: str | Path | None = None) -> None:
         self.ort = _import_ort()
+        self.name = backend
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
-        self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
+        if bucket_switch not in BUCKET_SWITCHES:
+            raise MordasrError(f"unknown bucket switch {bucket_switch!r}; choose one of {', '.join(BUCKET_SWITCHES)}")
+        if bucket_switch == "refit" and manifest.mode == "folded" and not manifest.weight_packs:
+            raise BundleError("this folded bundle has no weight packs; re-export it without "
+                              "--no-weight-packs to switch buckets by refit")
+        self.bucket_switch = bucket_switch
+        self.providers = provider_chain(backend, manifest.precision,
+                                        cache_dir or self.bundle_dir / "ort-trt-cache")
+        wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
+        available = set(self.ort.get_available_providers())
+        if wanted[0] not in available:
+            raise MordasrError(f"backend {backend} needs {wanted[0]}, which this onnxruntime lacks "
+                               f"(it has {', '.join(sorted(available))}); install onnxruntime-gpu "
+                               "built for this CUDA/TensorRT")
         self._sessions: dict[str, object] = {}
+        self._loaded_bucket: dict[str, int] = {}  # refit mode: component -> bucket in its session
+        self._pack_values: dict[str, dict] = {}
+
+    def _options(self):
+        options = self.ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return options
+
+    def _open(self, file: str, options):
+        try:
+            return self.ort.InferenceSession(str(self.bundle_dir / file), options, providers=self.providers)
+        except Exception as err:  # ORT raises its own exception types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BundleError(f"cannot load {file}: {first}; re-export the bundle") from None
 
     def session(self, graph: GraphSpec):
-        if graph.key not in self._sessions:
-            options = self.ort.SessionOptions()
-            options.log_severity_level = 3
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            try:
-                self._sessions[graph.key] = self.ort.InferenceSession(
-                    str(self.bundle_dir / graph.file), options, providers=self.providers)
-            except Exception as err:  # ORT raises its own exception types
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise BundleError(f"cannot load {graph.file}: {first}; re-export the bundle") from None
-        return self._sessions[graph.key]
+        pack = (self.manifest.weight_pack(graph.component, graph.bucket)
+                if self.bucket_switch == "refit" and graph.bucket is not None else None)
+        if pack is None:
+            if graph.key not in self._sessions:
+                self._sessions[graph.key] = self._open(graph.file, self._options())
+            return self._sessions[graph.key]
+        if self._loaded_bucket.get(graph.component) != graph.bucket:
+            options = self._options()
+            # The ALL level's layout transforms pre-pack conv weights from the graph before
+            # the overrides apply (measured: the bucket-0 weights win); EXTENDED keeps them.
+            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            values = load_weight_pack(self.bundle_dir, pack)
+            # ORT reads initializers given in the options instead of the graph's own; the
+            # OrtValues must outlive the session, so they are kept with it.
+            ort_values = {name: self.ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()}
+            for name, value in ort_values.items():
+                options.add_initializer(name, value)
+            self._sessions.pop(graph.component, None)
+            self._sessions[graph.component] = self._open(pack.base_graph, options)
+            self._pack_values[graph.component] = ort_values
+            self._loaded_bucket[graph.component] = graph.bucket
+        return self._sessions[graph.component]
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session(graph)

@@ -1,0 +1,108 @@
+"""``mordasr-bench``: MoR engines against dense-LoRA engines, with a report and plots."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from mordasr.benchmarks.runner import BACKENDS, PRECISIONS, VARIANTS, BenchConfig
+from mordasr.errors import MordasrError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mordasr-bench: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _split(text: str, allowed, what: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in items if s not in allowed]
+    if unknown or not items:
+        _fail(f"unknown {what} {unknown[0] if unknown else text!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", type=click.Choice(["tiny", "sd21"]), default="tiny", show_default=True,
+              help="tiny trains MoR and dense-LoRA adapters briefly on the CPU; sd21 uses random "
+                   "weights (latency and memory only, labelled as such) unless checkpoints are given.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, report.html, results.json and the PNG plots.")
+@click.option("--variants", default=",".join(VARIANTS), show_default=True,
+              help="Comma-separated variants: " + ", ".join(VARIANTS) + ".")
+@click.option("--precisions", default="fp32", show_default=True, help="Comma-separated: fp32, fp16, int8.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="One of " + ", ".join(BACKENDS) + ".")
+@click.option("--buckets", type=click.IntRange(min=1), default=4, show_default=True, help="Folded buckets.")
+@click.option("--bucket-sweep", default="1,2,4,8,16", show_default=True,
+              help="Bucket counts for the folded-vs-continuous fidelity curve.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=150, show_default=True,
+              help="tiny: adapter training steps for each of MoR and dense LoRA (same budget).")
+@click.option("--mor-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Use this MoR checkpoint instead of training one.")
+@click.option("--lora-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Use this dense-LoRA checkpoint instead of training one.")
+@click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed warm-up runs.")
+@click.option("--lr-size", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Low-resolution side of the timed and evaluated images, px.")
+@click.option("--resolutions", default="32,64,128", show_default=True,
+              help="LR sides for the latency-vs-resolution curve.")
+@click.option("--eval-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Held-out degraded photographs for fidelity.")
+@click.option("--peak-gflops", type=float, default=None,
+              help="Device peak GFLOP/s, to report the achieved fraction per component.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
+         lora_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops, seed, quiet):
+    """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA and PyTorch eager.
+
+    Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,
+    throughput, runtime overhead over raw session time, peak host RSS, size on disk, export
+    time, FLOPs per component, PSNR/SSIM against FP32 PyTorch and against the HR image, and the
+    folded-vs-continuous routing gap per bucket count.
+    """
+    logging.basicConfig(level=logging.ERROR)
+    from tqdm import tqdm
+
+    from mordasr.benchmarks.report import write_report
+    from mordasr.benchmarks.runner import run_benchmark
+
+    cfg = BenchConfig(preset=preset, variants=_split(variants, VARIANTS, "variant"),
+                      precisions=_split(precisions, PRECISIONS, "precision"), backend=backend,
+                      buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
+                      lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
+                      mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint)
+    try:
+        cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
+        cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())
+    except ValueError:
+        _fail("--bucket-sweep and --resolutions take comma-separated integers")
+    try:
+        cfg.validate()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise MordasrError(f"{out_dir} is not writable")
+    except OSError as err:
+        _fail(f"cannot write to {out_dir}: {err.strerror or err}")
+    except MordasrError as err:
+        _fail(str(err))
+    with tempfile.TemporaryDirectory(prefix=".bench.", dir=out_dir) as work, \
+            tqdm(desc="bench", unit="step", disable=quiet, file=sys.stderr) as bar:
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        try:
+            results = run_benchmark(cfg, Path(work), progress)
+        except MordasrError as err:
+            _fail(str(err))
+    files = write_report(results, out_dir)
+    if not quiet:
+        click.echo((out_dir / "report.md").read_text())
+        click.echo("wrote " + ", ".join(str(f) for f in files))

@@ -1,0 +1,140 @@
+"""Measurement primitives: timing statistics, FLOPs counted from an ONNX graph, peak RSS of a
+restore in a fresh process, and a description of the machine the numbers came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def time_call(fn: Callable[[], object], iterations: int, warmup: int = 1) -> dict[str, float]:
+    """Latency statistics in milliseconds over ``iterations`` warm calls."""
+    for _ in range(max(warmup, 1)):  # the first call creates sessions: never time it
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    ms = np.array(samples)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": iterations}
+
+
+def _shape_map(model, graph_inputs: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in model.graph.input:
+        if value.name in graph_inputs:
+            dims = value.type.tensor_type.shape.dim
+            for d, size in zip(dims, graph_inputs[value.name]):
+                d.ClearField("dim_param")
+                d.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def graph_flops(path: str | Path, graph_inputs: dict[str, tuple[int, ...]]) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the Conv, ConvTranspose, MatMul and Gemm nodes at the
+    given input shapes; other ops are memory-bound and left out."""
+    import onnx
+
+    model = onnx.load(str(path))
+    shapes = _shape_map(model, graph_inputs)
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            out, weight = shapes.get(node.output[0]), shapes.get(node.input[1])
+            if out is None or weight is None:
+                continue
+            # weight (Cout, Cin/groups, kh, kw): each output element takes Cin/groups*kh*kw MACs
+            macs = np.prod(out) * np.prod(weight[1:])
+            if node.op_type == "ConvTranspose":
+                inp = shapes.get(node.input[0])
+                macs = np.prod(inp) * np.prod(weight[1:]) if inp else 0
+            total += 2 * float(macs)
+        elif node.op_type in ("MatMul", "Gemm"):
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            out = shapes.get(node.output[0])
+            if a is None or b is None or out is None:
+                continue
+            k = a[-1] if not (node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)) else a[0]
+            total += 2 * float(np.prod(out)) * k
+    return total
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started from a big
+# parent would report the parent's peak.
+_RSS_SCRIPT = """
+import json, sys
+import numpy as np
+from mordasr.runtime import Restorer
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+bundle, side, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+before = hwm()
+r = Restorer(bundle, backend=backend)
+image = np.random.default_rng(0).uniform(0, 1, (side, side, 3)).astype(np.float32)
+for b in range(len(r.manifest.buckets) if r.manifest.mode == "folded" else 1):
+    r.restore(image, bucket=b if r.manifest.mode == "folded" else None)
+print(json.dumps({"baseline_kib": before, "peak_kib": hwm()}))
+"""
+
+
+def peak_rss_mib(bundle: str | Path, lr_side: int, backend: str = "onnxruntime") -> dict[str, float]:
+    """Peak resident memory (VmHWM, Linux) of a fresh process that loads the bundle and restores
+    one image through every bucket (folded bundles hold every bucket's graphs), in MiB."""
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(bundle), str(lr_side), backend],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mib": data["peak_kib"] / 1024, "import_rss_mib": data["baseline_kib"] / 1024}
+
+
+def describe_machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory,
+                               "os": platform.platform(), "python": platform.python_version()}
+    for module in ("onnxruntime", "torch", "tensorrt"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    try:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    return info

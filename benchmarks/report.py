@@ -1,0 +1,177 @@
+"""Write the benchmark's ``results.json``, PNG plots, ``report.md`` and a self-contained
+``report.html`` (plots embedded as data URIs). Every figure printed comes from ``results``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+PLOTS = ("latency", "resolution", "buckets", "memory")
+
+
+def _plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = results["variants"]
+    labels = [f"{r['variant']}\n{r['precision']}" for r in rows]
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(labels, [r["latency"]["p50_ms"] for r in rows], color="#4477aa")
+    ax.errorbar(labels, [r["latency"]["p50_ms"] for r in rows],
+                yerr=[[0] * len(rows), [r["latency"]["p95_ms"] - r["latency"]["p50_ms"] for r in rows]],
+                fmt="none", ecolor="black", capsize=3)
+    ax.set_ylabel("end-to-end latency, ms (p50, bar to p95)")
+    ax.set_title(f"{results['preset']}: {results['config']['lr_size']}px LR -> "
+                 f"{results['config']['lr_size'] * results['config']['scale']}px")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    written.append("latency.png")
+
+    if results.get("resolution"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["variant"] for r in results["resolution"]):
+            pts = [r for r in results["resolution"] if r["variant"] == name]
+            ax.plot([p["out_side"] for p in pts], [p["p50_ms"] for p in pts], marker="o", label=name)
+        ax.set_xlabel("output side, px")
+        ax.set_ylabel("latency p50, ms")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "resolution.png", dpi=110)
+        written.append("resolution.png")
+
+    if results.get("bucket_sweep"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sweep = results["bucket_sweep"]
+        ax.plot([r["buckets"] for r in sweep], [r["psnr_vs_continuous"] for r in sweep], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("folded buckets")
+        ax.set_ylabel("PSNR vs continuous routing, dB")
+        fig.tight_layout()
+        fig.savefig(out / "buckets.png", dpi=110)
+        written.append("buckets.png")
+
+    measured = [r for r in rows if r.get("memory")]
+    if measured:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([f"{r['variant']}\n{r['precision']}" for r in measured],
+               [r["memory"]["peak_rss_mib"] for r in measured], color="#aa7744")
+        ax.set_ylabel("peak host RSS, MiB")
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=110)
+        written.append("memory.png")
+    plt.close("all")
+    return written
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    m = results["machine"]
+    lines = [f"# mordasr benchmark: {results['preset']} preset", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; "
+             f"GPU: {m.get('gpu') or 'none'}; onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
+             f"tensorrt {m.get('tensorrt') or 'not installed'}.",
+             f"Backend: {results['backend']}. Image: {results['config']['lr_size']} px LR, x{results['config']['scale']}. "
+             f"{results['config']['iterations']} timed runs after {results['config']['warmup']} warm-up runs. "
+             f"Total adapter rank {results['config']['total_rank']}; adapters trained "
+             f"{results['config']['train_steps']} steps each.",
+             ""]
+    if results.get("random_weights"):
+        lines += ["**Random weights** (sd21 without local weights): latency and memory are real, "
+                  "fidelity figures mean nothing.", ""]
+    lines += ["## Variants", "",
+              "| variant | precision | p50 ms | p95 ms | p99 ms | img/s | overhead | peak RSS MiB | size MiB | export s "
+              "| PSNR vs FP32 torch | SSIM vs FP32 torch | PSNR vs HR | SSIM vs HR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["variants"]:
+        lat = r["latency"]
+        overhead = f"{100 * r['runtime_overhead']:.1f} %" if "runtime_overhead" in r else "n/a"
+        lines.append(f"| {r['variant']} | {r['precision']} | {_fmt(lat['p50_ms'])} | {_fmt(lat['p95_ms'])} | "
+                     f"{_fmt(lat['p99_ms'])} | {_fmt(r['throughput_img_per_s'])} | {overhead} | "
+                     f"{_fmt(r['memory']['peak_rss_mib'], 0) if r['memory'] else 'n/a'} | "
+                     f"{_fmt(r['size']['graphs_mib']) if r['size'] else 'n/a'} | {_fmt(r['export_seconds'], 1)} | "
+                     f"{_fmt(r['psnr_vs_fp32_torch'])} | {_fmt(r['ssim_vs_fp32_torch'], 4)} | "
+                     f"{_fmt(r['psnr_vs_hr'])} | {_fmt(r['ssim_vs_hr'], 4)} |")
+    lines += ["", "## Components (raw session time)", "",
+              "| variant | precision | component | p50 ms | p95 ms | GFLOP | GFLOP/s | fraction of peak |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["variants"]:
+        for name, c in (r["components"] or {}).items():
+            lines.append(f"| {r['variant']} | {r['precision']} | {name} | {_fmt(c['p50_ms'], 3)} | "
+                         f"{_fmt(c['p95_ms'], 3)} | {_fmt(c['gflops'], 3)} | {_fmt(c['achieved_gflops_per_s'], 1)} | "
+                         f"{_fmt(c.get('fraction_of_peak'), 3)} |")
+    if results.get("bucket_sweep"):
+        lines += ["", "## Folded buckets vs continuous routing (PyTorch)", "",
+                  "| buckets | PSNR vs continuous | PSNR vs HR |", "|---|---|---|"]
+        lines += [f"| {r['buckets']} | {_fmt(r['psnr_vs_continuous'])} | {_fmt(r['psnr_vs_hr'])} |"
+                  for r in results["bucket_sweep"]]
+    if results.get("targets"):
+        lines += ["", "## Targets (measured, not asserted)", "", "| target | measured | limit | met |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['ratio']:.3f}x | {t['limit']:.2f}x | {'yes' if t['met'] else 'no'} |"
+                  for t in results["targets"]]
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _html(md: str, plots: list[str], out: Path) -> str:
+    """A self-contained page: the Markdown tables as HTML tables, plots inlined."""
+    body, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("!["):
+            continue
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    for p in plots:
+        data = base64.b64encode((out / p).read_bytes()).decode()
+        body.append(f'<p><img alt="{p}" src="data:image/png;base64,{data}"></p>')
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plot(results, out)
+    md = markdown(results, plots)
+    files = {"results.json": json.dumps(results, indent=2) + "\n", "report.md": md,
+             "report.html": _html(md, plots, out)}
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return [out / n for n in files] + [out / p for p in plots]

@@ -1,0 +1,298 @@
+"""Run the benchmark: export every variant from one base model and total rank, then measure
+latency (per component and end to end), memory, size, export time, FLOPs and fidelity side by side
+in one process, so every ratio compares numbers taken on the same machine in the same run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mordasr.benchmarks.measure import describe_machine, graph_flops, peak_rss_mib, time_call
+from mordasr.errors import MordasrError
+
+# variant -> (adapter kind, export mode); "torch-eager" is the unmerged PyTorch MoR reference
+VARIANTS = {"mor-folded": ("mor", "folded"), "mor-gated": ("mor", "gated"),
+            "mor-hybrid": ("mor", "hybrid"), "dense-lora": ("lora", "dense-lora"),
+            "torch-eager": ("mor", None)}
+BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tiny"
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    precisions: tuple[str, ...] = ("fp32",)
+    backend: str = "onnxruntime"
+    buckets: int = 4
+    bucket_sweep: tuple[int, ...] = (1, 2, 4, 8, 16)
+    train_steps: int = 150
+    iterations: int = 20
+    warmup: int = 3
+    lr_size: int = 64  # low-resolution side of the timed image (output = lr_size * scale)
+    resolutions: tuple[int, ...] = (32, 64, 128)
+    eval_images: int = 4
+    peak_gflops: float | None = None
+    seed: int = 0
+    mor_checkpoint: Path | None = None
+    lora_checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise MordasrError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        if self.backend not in BACKENDS:
+            raise MordasrError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise MordasrError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+        if self.preset not in ("tiny", "sd21"):
+            raise MordasrError(f"unknown preset {self.preset!r}; choose tiny or sd21")
+        if self.iterations < 1 or self.eval_images < 1:
+            raise MordasrError("--iterations and --eval-images must be at least 1")
+
+
+def _models(cfg: BenchConfig, progress: Callable[[str], None]):
+    """The MoR and dense-LoRA models: same base, same total rank, same training budget."""
+    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+
+    models = {}
+    for kind, given in (("mor", cfg.mor_checkpoint), ("lora", cfg.lora_checkpoint)):
+        if given:
+            model, _ = load_checkpoint(given, add_adapters=False)
+            if model.config.adapter.kind != kind:
+                raise MordasrError(f"{given} holds {model.config.adapter.kind} adapters, expected {kind}")
+        elif cfg.preset == "sd21":
+            from mordasr.model.sd21 import build_sd21
+
+            model = build_sd21(random_weights=True, adapter=kind)
+        else:
+            progress(f"training {kind} adapters ({cfg.train_steps} steps)")
+            model, _ = load_checkpoint(tiny_base_path(), adapter=kind)
+            train_adapters(model, AdapterTrainingConfig(steps=cfg.train_steps, seed=cfg.seed), quiet=True)
+        models[kind] = model.eval()
+    ranks = {k: m.config.adapter.rank for k, m in models.items()}
+    if len(set(ranks.values())) != 1:
+        cfg.notes.append(f"total ranks differ: {ranks}")
+    return models
+
+
+def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(LR, HR) pairs: held-out photographs, centre crops, two fixed degradation strengths."""
+    from mordasr.training.data import HELDOUT_IMAGES, load_sample_image
+    from mordasr.training.degrade import Degradation, degrade
+
+    degradations = [Degradation(blur_sigma=1.0, noise_sigma=4 / 255, jpeg_quality=80),
+                    Degradation(blur_sigma=2.0, noise_sigma=12 / 255, jpeg_quality=40)]
+    side = cfg.lr_size * scale
+    pairs = []
+    rng = np.random.default_rng(cfg.seed)
+    for i in range(cfg.eval_images):
+        photo = load_sample_image(HELDOUT_IMAGES[i % len(HELDOUT_IMAGES)])
+        h, w = photo.shape[:2]
+        top, left = (h - side) // 2, (w - side) // 2
+        hr = photo[max(top, 0): max(top, 0) + side, max(left, 0): max(left, 0) + side]
+        lr = degrade(hr, degradations[(i // len(HELDOUT_IMAGES)) % 2], scale, rng)
+        pairs.append((lr.astype(np.float32), hr.astype(np.float32)))
+    return pairs
+
+
+def _quality(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = np.clip(a, 0, 1), np.clip(b, 0, 1)
+    return (float(peak_signal_noise_ratio(b, a, data_range=1.0)),
+            float(structural_similarity(b, a, channel_axis=-1, data_range=1.0)))
+
+
+def _torch_restore(model, lr: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(lr.transpose(2, 0, 1)[None].copy())
+        return model(x)[0].numpy().transpose(1, 2, 0)
+
+
+def _bundle_size(bundle: Path, manifest) -> dict[str, float]:
+    per_component: dict[str, float] = {}
+    for g in manifest.graphs:
+        files = [g.file] + ([g.external_data] if g.external_data else [])
+        size = sum((bundle / f).stat().st_size for f in files) / 2**20
+        per_component[g.component] = per_component.get(g.component, 0.0) + size
+    packs = sum((bundle / p.file).stat().st_size for p in manifest.weight_packs) / 2**20
+    return {"graphs_mib": sum(per_component.values()), "per_component_mib": per_component,
+            "weight_packs_mib": packs}
+
+
+def _components(restorer, lr: np.ndarray, cfg: BenchConfig, scale: int) -> dict[str, dict]:
+    """Raw session latency and FLOPs of each graph on the feeds it gets for ``lr``."""
+    feeds: dict[str, tuple] = {}
+    restorer.tap = lambda graph, f, _out: feeds.setdefault(graph.component, (graph, dict(f)))
+    restorer.restore(lr)
+    restorer.tap = None
+    out = {}
+    for component, (graph, f) in feeds.items():
+        stats = time_call(lambda g=graph, f=f: restorer.backend.run(g, f), cfg.iterations, cfg.warmup)
+        flops = graph_flops(restorer.bundle_dir / graph.file, {k: v.shape for k, v in f.items()})
+        stats["gflops"] = flops / 1e9
+        stats["achieved_gflops_per_s"] = flops / 1e9 / (stats["mean_ms"] / 1e3)
+        if cfg.peak_gflops:
+            stats["fraction_of_peak"] = stats["achieved_gflops_per_s"] / cfg.peak_gflops
+        out[component] = stats
+    return out
+
+
+def bucket_sweep(model, pairs, counts, seed: int = 0) -> list[dict]:
+    """PSNR of folded routing against continuous routing as the number of buckets grows (PyTorch:
+    folding is exact per bucket, so this isolates the quantisation of the score space)."""
+    from mordasr.export.buckets import calibration_scores, kmeans
+    from mordasr.model.inject import fold_adapters
+    from mordasr.runtime.routing import nearest_bucket
+
+    scores = calibration_scores(model, 256, seed=seed)
+    continuous = [_torch_restore(model, lr) for lr, _ in pairs]
+    with torch.no_grad():
+        image_scores = np.stack([model.estimate(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy()
+                                 for lr, _ in pairs])
+    rows = []
+    for k in counts:
+        if k > len(scores):
+            continue
+        centres = kmeans(scores, k, seed)
+        chosen = nearest_bucket(image_scores, centres)
+        folded = {int(b): fold_adapters(model, torch.from_numpy(centres[b])).eval() for b in set(chosen)}
+        psnrs, hr_psnrs = [], []
+        for (lr, hr), b, ref in zip(pairs, chosen, continuous):
+            with torch.no_grad():
+                x = torch.from_numpy(lr.transpose(2, 0, 1)[None].copy())
+                m = folded[int(b)]
+                z = m.encode(x)
+                out = m.decode(m.schedule.x0(z, m.denoise(z)))[0].numpy().transpose(1, 2, 0)
+            psnrs.append(_quality(out, ref)[0])
+            hr_psnrs.append(_quality(out, hr)[0])
+        rows.append({"buckets": k, "psnr_vs_continuous": float(np.mean(psnrs)),
+                     "psnr_vs_hr": float(np.mean(hr_psnrs))})
+    return rows
+
+
+def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
+    from mordasr.calib.bundle import build_precision_bundle
+    from mordasr.calib.data import synthetic_images
+    from mordasr.export.buckets import default_buckets
+    from mordasr.export.bundle import export_bundle
+    from mordasr.runtime import Restorer, load_manifest
+
+    cfg.validate()
+    models = _models(cfg, progress)
+    scale = models["mor"].config.scale
+    pairs = _eval_set(cfg, scale)
+    timed_lr = pairs[0][0]
+    references = {kind: [_torch_restore(m, lr) for lr, _ in pairs] for kind, m in models.items()}
+    results: dict = {"preset": cfg.preset, "machine": describe_machine(), "backend": cfg.backend,
+                     "config": {"buckets": cfg.buckets, "iterations": cfg.iterations, "warmup": cfg.warmup,
+                                "lr_size": cfg.lr_size, "scale": scale, "eval_images": len(pairs),
+                                "train_steps": cfg.train_steps if cfg.preset == "tiny" else 0,
+                                "total_rank": models["mor"].config.adapter.rank},
+                     "random_weights": cfg.preset == "sd21", "variants": [], "notes": cfg.notes}
+    for name in cfg.variants:
+        kind, mode = VARIANTS[name]
+        model = models[kind]
+        if mode is None:  # unmerged PyTorch eager, CPU (or CUDA when present)
+            progress(f"{name}: timing")
+            x = torch.from_numpy(timed_lr.transpose(2, 0, 1)[None].copy())
+            with torch.no_grad():
+                latency = time_call(lambda: model(x), cfg.iterations, cfg.warmup)
+            fidelity = [(None, _quality(r, hr)) for r, (_, hr) in zip(references[kind], pairs)]  # it is the reference
+            results["variants"].append(_row(name, "fp32", "torch-cpu", latency, None, None, None, None, fidelity))
+            continue
+        bundle = workdir / f"{name}-fp32"
+        progress(f"{name}: export")
+        start = time.perf_counter()
+        buckets = default_buckets(model, cfg.buckets if mode == "folded" else 1, seed=cfg.seed)
+        export_bundle(model, bundle, mode, buckets, force=True, random_weights=cfg.preset == "sd21")
+        export_seconds = time.perf_counter() - start
+        for precision in cfg.precisions:
+            path = bundle
+            if precision != "fp32":
+                progress(f"{name}: {precision}")
+                path = workdir / f"{name}-{precision}"
+                path.mkdir(exist_ok=True)
+                images = synthetic_images(16, scale, seed=cfg.seed) if precision == "int8" else None
+                build_precision_bundle(bundle, path, precision, images=images, per_bucket=max(1, 16 // len(buckets)))
+            progress(f"{name} {precision}: timing")
+            restorer = Restorer(path, backend=cfg.backend)
+            latency = time_call(lambda: restorer.restore(timed_lr), cfg.iterations, cfg.warmup)
+            components = _components(restorer, timed_lr, cfg, scale)
+            fidelity = []
+            for (lr, hr), ref in zip(pairs, references[kind]):
+                out = restorer.restore(lr).image
+                fidelity.append((_quality(out, ref), _quality(out, hr)))
+            progress(f"{name} {precision}: memory")
+            memory = peak_rss_mib(path, cfg.lr_size, cfg.backend)
+            size = _bundle_size(path, load_manifest(path))
+            results["variants"].append(_row(name, precision, cfg.backend, latency, components, memory, size,
+                                            export_seconds, fidelity))
+    progress("latency vs resolution")
+    results["resolution"] = _resolution_sweep(cfg, workdir)
+    if "mor-folded" in cfg.variants or "mor-gated" in cfg.variants:
+        progress("bucket sweep")
+        results["bucket_sweep"] = bucket_sweep(models["mor"], pairs, cfg.bucket_sweep, cfg.seed)
+    results["targets"] = targets(results["variants"])
+    return results
+
+
+def _row(name, precision, backend, latency, components, memory, size, export_seconds, fidelity) -> dict:
+    vs_ref = np.array([f[0] for f in fidelity]) if fidelity[0][0] is not None else None
+    vs_hr = np.array([f[1] for f in fidelity])
+    row = {"variant": name, "precision": precision, "backend": backend, "latency": latency,
+           "throughput_img_per_s": 1e3 / latency["mean_ms"], "components": components,
+           "memory": memory, "size": size, "export_seconds": export_seconds,
+           "psnr_vs_fp32_torch": float(vs_ref[:, 0].mean()) if vs_ref is not None else None,
+           "ssim_vs_fp32_torch": float(vs_ref[:, 1].mean()) if vs_ref is not None else None,
+           "psnr_vs_hr": float(vs_hr[:, 0].mean()), "ssim_vs_hr": float(vs_hr[:, 1].mean())}
+    if components:
+        raw = sum(c["mean_ms"] for c in components.values())
+        row["runtime_overhead"] = latency["mean_ms"] / raw - 1
+    return row
+
+
+def _resolution_sweep(cfg: BenchConfig, workdir: Path) -> list[dict]:
+    from mordasr.runtime import Restorer
+
+    rows = []
+    for name in ("mor-folded", "mor-gated", "mor-hybrid", "dense-lora"):
+        bundle = workdir / f"{name}-fp32"
+        if name not in cfg.variants or not bundle.is_dir():
+            continue
+        restorer = Restorer(bundle, backend=cfg.backend)
+        for side in cfg.resolutions:
+            image = np.random.default_rng(side).uniform(0, 1, (side, side, 3)).astype(np.float32)
+            stats = time_call(lambda: restorer.restore(image), max(3, cfg.iterations // 4), 1)
+            rows.append({"variant": name, "lr_side": side, "out_side": side * restorer.scale, **stats})
+    return rows
+
+
+TARGETS = (("folded UNet latency / merged dense-LoRA UNet latency", "mor-folded", "dense-lora", 1.00),
+           ("gated UNet latency / folded UNet latency", "mor-gated", "mor-folded", 1.05))
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets as measured ratios (p50 of the UNet graph), checked, not asserted."""
+    found = []
+    for precision in sorted({r["precision"] for r in rows}):
+        by_name = {r["variant"]: r for r in rows if r["precision"] == precision and r["components"]}
+        for label, a, b, limit in TARGETS:
+            if a in by_name and b in by_name:
+                ratio = by_name[a]["components"]["unet"]["p50_ms"] / by_name[b]["components"]["unet"]["p50_ms"]
+                found.append({"target": f"{label} ({precision})", "ratio": ratio, "limit": limit,
+                              "met": ratio <= limit})
+        for name, row in by_name.items():
+            found.append({"target": f"runtime overhead over raw session time, {name} ({precision})",
+                          "ratio": 1 + row["runtime_overhead"], "limit": 1.03,
+                          "met": row["runtime_overhead"] <= 0.03})
+    return found

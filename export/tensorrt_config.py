@@ -1,0 +1,141 @@
+"""What a TensorRT build needs, decided without TensorRT: flags per version, shape profiles, names.
+
+Two API generations:
+- TensorRT 10 (JetPack 6 on Orin): weak typing by default: the network's reduced precision comes
+  from builder flags (FP16; INT8 for Q/DQ graphs). ``strongly_typed=True`` opts into the
+  STRONGLY_TYPED network flag instead, where the graph's own types decide.
+- TensorRT 11: every network is strongly typed and the precision flags are gone (FP16 lives in
+  the graph's types, INT8 in its Q/DQ nodes; there are no implicit calibrators), so the bundle's
+  precision must already be in the graph.
+Refit: REFIT makes every weight refittable. TensorRT 11.3 documents that REFIT may drop a GEMM
+bias (its known issues); REFIT_IDENTICAL avoids it but only allows refitting identical weights,
+which bucket switching does not do, so 11.3+ uses REFIT_INDIVIDUAL with just the weight-pack
+tensors marked refittable.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from mordasr.errors import MordasrError
+from mordasr.runtime.engine_names import TensorRTVersion
+from mordasr.runtime.manifest import GraphSpec, Manifest
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class BuildSettings:
+    """Flag names as in ``tensorrt.NetworkDefinitionCreationFlag`` / ``tensorrt.BuilderFlag``."""
+
+    network_flags: list[str] = field(default_factory=list)
+    builder_flags: list[str] = field(default_factory=list)
+    refit_only_packs: bool = False  # mark only weight-pack tensors refittable
+    notes: list[str] = field(default_factory=list)
+
+    def trtexec_args(self) -> list[str]:
+        args = []
+        if "STRONGLY_TYPED" in self.network_flags:
+            args.append("--stronglyTyped")
+        mapping = {"FP16": "--fp16", "INT8": "--int8", "REFIT": "--refit", "REFIT_INDIVIDUAL": "--refit"}
+        for flag in self.builder_flags:
+            if flag in mapping and mapping[flag] not in args:
+                args.append(mapping[flag])
+        return args
+
+
+def build_settings(version: TensorRTVersion, precision: str, refittable: bool = False,
+                   strongly_typed: bool | None = None) -> BuildSettings:
+    if precision not in PRECISIONS:
+        raise MordasrError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    settings = BuildSettings()
+    if version.major >= 11:
+        if strongly_typed is False:
+            raise MordasrError("TensorRT 11 has no weak typing: precision comes from the graph; "
+                               "export with --fp16 or --int8 instead of asking the builder")
+        # Strong typing is always on; the creation flag is accepted but ignored.
+        settings.notes.append("strongly typed (TensorRT 11): precision from the graph's types and Q/DQ")
+    elif strongly_typed:
+        settings.network_flags.append("STRONGLY_TYPED")
+    else:
+        if precision == "fp16":
+            settings.builder_flags.append("FP16")
+        elif precision == "int8":
+            # Q/DQ graphs need INT8 enabled under weak typing; the float remainder stays FP32
+            # as calibrated (no FP16 flag), so the accuracy report still describes the engine.
+            settings.builder_flags.append("INT8")
+    if refittable:
+        if version >= TensorRTVersion(11, 3):
+            settings.builder_flags.append("REFIT_INDIVIDUAL")
+            settings.refit_only_packs = True
+            settings.notes.append("TensorRT 11.3+ may drop GEMM biases with REFIT: only weight-pack "
+                                  "tensors are made refittable (REFIT_INDIVIDUAL)")
+        else:
+            settings.builder_flags.append("REFIT")
+    return settings
+
+
+# -- shape profiles -----------------------------------------------------------------------------
+
+def parse_size(text: str | int) -> tuple[int, int]:
+    """'512' or '768x512' (width x height, output pixels) -> (height, width)."""
+    if isinstance(text, int):
+        return text, text
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    if not match:
+        raise MordasrError(f"bad size {text!r}: use N or WxH in output pixels, e.g. 512 or 768x512")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    if width < 1 or height < 1:
+        raise MordasrError(f"bad size {text!r}: sides must be positive")
+    return height, width
+
+
+def _dims_for(manifest: Manifest, out_hw: tuple[int, int], round_up: bool) -> dict[str, int]:
+    """Named dynamic dims for an output size, rounded to what the graphs accept."""
+    s, m, f = manifest.scale, manifest.lr_multiple, manifest.latent_downsample
+    dims = {}
+    for axis, out in zip(("height", "width"), out_hw):
+        lr = out / s
+        lr = (math.ceil(lr / m) if round_up else max(1, math.floor(lr / m))) * m
+        dims[axis] = lr
+        dims[f"latent_{axis}"] = lr * s // f
+        dims[f"out_{axis}"] = lr * s
+    return dims
+
+
+def profile_shapes(manifest: Manifest, graph: GraphSpec, min_size, opt_size, max_size,
+                   batch: tuple[int, int, int] = (1, 1, 1)) -> dict[str, list[list[int]]]:
+    """{input name: [min, opt, max] shape} for one graph from output sizes in pixels."""
+    sizes = [parse_size(v) for v in (min_size, opt_size, max_size)]
+    for lo, hi in zip(sizes, sizes[1:]):
+        if lo[0] > hi[0] or lo[1] > hi[1]:
+            raise MordasrError("profile sizes must satisfy min <= opt <= max on both sides")
+    if not batch[0] <= batch[1] <= batch[2]:
+        raise MordasrError("batch sizes must satisfy min <= opt <= max")
+    named = [_dims_for(manifest, hw, round_up=i == 2) for i, hw in enumerate(sizes)]
+    profile = {}
+    for tensor in graph.inputs:
+        shapes = []
+        for i, dims in enumerate(named):
+            shape = []
+            for d in tensor.shape:
+                if isinstance(d, int):
+                    shape.append(d)
+                elif d == "batch":
+                    shape.append(batch[i])
+                elif d in dims:
+                    shape.append(dims[d])
+                else:
+                    raise MordasrError(f"{graph.file}: input {tensor.name} has an unknown dynamic dim {d!r}")
+            shapes.append(shape)
+        profile[tensor.name] = shapes
+    return profile
+
+
+def format_shape(name: str, shape: list[int]) -> str:
+    return f"{name}:{'x'.join(map(str, shape))}"
+
+

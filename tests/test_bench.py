@@ -1,0 +1,127 @@
+"""mordasr-bench on the tiny preset with few iterations: the report has its structure and every
+figure in it is a measurement (finite numbers, no placeholders)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from mordasr.benchmarks.cli import main as bench_main
+from mordasr.benchmarks.measure import graph_flops, time_call
+from mordasr.benchmarks.runner import BenchConfig, targets
+from mordasr.errors import MordasrError
+
+FAST = ["--train-steps", "2", "--iterations", "2", "--warmup", "1", "--lr-size", "16", "--resolutions", "16,24",
+        "--eval-images", "2", "--bucket-sweep", "1,2", "--buckets", "2", "-q"]
+
+
+def _numbers(value, path=""):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "report"
+    result = CliRunner().invoke(bench_main, ["--out", str(out)] + FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_report_files_and_structure(report):
+    names = {p.name for p in report.iterdir()}
+    assert {"report.md", "report.html", "results.json", "latency.png", "resolution.png", "buckets.png",
+            "memory.png"} <= names
+    assert not [n for n in names if n.startswith(".")]  # the work folder is gone
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    results = json.loads((report / "results.json").read_text())
+    assert [r["variant"] for r in results["variants"]] == ["mor-folded", "mor-gated", "mor-hybrid",
+                                                          "dense-lora", "torch-eager"]
+    folded = results["variants"][0]
+    assert set(folded["components"]) == {"router", "encoder", "unet", "decoder"}
+    assert folded["memory"]["peak_rss_mib"] > folded["memory"]["import_rss_mib"] > 10
+    assert folded["size"]["weight_packs_mib"] > 0
+    assert [r["buckets"] for r in results["bucket_sweep"]] == [1, 2]
+    assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
+        "folded UNet latency / merged dense-LoRA UNet latency", "gated UNet latency / folded UNet latency"}
+    assert results["machine"]["cores"] >= 1 and results["machine"]["onnxruntime"]
+
+
+def test_every_number_is_measured(report):
+    results = json.loads((report / "results.json").read_text())
+    numbers = list(_numbers(results))
+    assert len(numbers) > 150
+    assert all(math.isfinite(v) for _, v in numbers), [p for p, v in numbers if not math.isfinite(v)]
+    for row in results["variants"]:
+        lat = row["latency"]
+        assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] and lat["runs"] == 2
+        for c in (row["components"] or {}).values():
+            assert c["p50_ms"] > 0 and c["gflops"] > 0
+    # the same graph run twice is not timed identically: these are clocks, not constants
+    assert len({r["latency"]["p50_ms"] for r in results["variants"]}) == len(results["variants"])
+    md = (report / "report.md").read_text()
+    assert "| mor-folded | fp32 |" in md and "TODO" not in md and "nan" not in md.lower()
+    # n/a only where a figure does not apply: the eager reference has no bundle, graphs or peak
+    for line in md.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) == 16 and (cells[1].startswith("mor-") or cells[1] == "dense-lora"):  # variants table
+            assert "n/a" not in cells[3:15], line
+
+
+def test_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(bench_main, ["--out", str(tmp_path / "r"), "--variants", "mor-folded,sparse"])
+    assert result.exit_code == 2 and "unknown variant 'sparse'" in result.output
+    result = runner.invoke(bench_main, ["--out", str(tmp_path / "r"), "--backend", "openvino"])
+    assert result.exit_code == 2 and "unknown backend 'openvino'" in result.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(bench_main, ["--out", str(blocker / "sub")])
+    assert result.exit_code == 2 and "cannot write" in result.output
+    with pytest.raises(MordasrError, match="unknown precision"):
+        BenchConfig(precisions=("fp8",)).validate()
+
+
+def test_time_call_and_targets():
+    calls = []
+    stats = time_call(lambda: calls.append(1), iterations=5, warmup=0)
+    assert len(calls) == 6 and stats["runs"] == 5  # one untimed warm-up is always made
+    rows = [{"variant": "mor-folded", "precision": "fp32", "runtime_overhead": 0.01,
+             "components": {"unet": {"p50_ms": 9.0}}},
+            {"variant": "dense-lora", "precision": "fp32", "runtime_overhead": 0.05,
+             "components": {"unet": {"p50_ms": 10.0}}}]
+    found = {t["target"]: t for t in targets(rows)}
+    ratio = found["folded UNet latency / merged dense-LoRA UNet latency (fp32)"]
+    assert ratio["ratio"] == pytest.approx(0.9) and ratio["met"]
+    assert not found["runtime overhead over raw session time, dense-lora (fp32)"]["met"]
+
+
+def test_graph_flops_counts_conv_and_matmul(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.zeros((8, 5), np.float32), "m")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("MatMul", ["c", "m"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, m])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    flops = graph_flops(tmp_path / "g.onnx", {"x": (2, 3, 8, 8)})
+    conv = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+    matmul = 2 * (2 * 8 * 8 * 5) * 8
+    assert flops == conv + matmul

@@ -178,12 +178,10 @@ def test_smoothquant_without_its_library_fails_clearly(folded_bundle, tmp_path):
 
 def test_int8_weight_packs_switch_buckets(int8_bundle):
     """Packs of a reduced-precision bundle carry its converted tensors (INT8 weights, per-bucket
-    scales): refitting bucket 0's graph reproduces each bucket's own INT8 graph."""
+    scales)."""
     manifest = load_manifest(int8_bundle)
     assert {(p.component, p.bucket) for p in manifest.weight_packs} == {(c, b) for c in ("encoder", "unet")
                                                                           for b in (0, 1)}
-    image = np.random.default_rng(1).uniform(0, 1, (12, 12, 3)).astype(np.float32)
-    graphs, refit = Restorer(int8_bundle), Restorer(int8_bundle, bucket_switch="refit")
-    for bucket in (1, 0):
-        expected = graphs.restore(image, bucket=bucket).image
-        assert np.abs(refit.restore(image, bucket=bucket).image - expected).max() < 1e-4
+    # ONNX Runtime's initializer overrides do not reproduce INT8 bucket graphs: refused, not wrong
+    with pytest.raises(MordasrError, match="not supported for INT8 bundles"):
+        Restorer(int8_bundle, bucket_switch="refit")

@@ -95,7 +95,9 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
             graphs.append(g)
             continue
         if precision == "fp16":
-            onnx.save(convert_fp16(onnx.load(str(src / g.file))), str(dst / g.file))
+            converted = convert_fp16(onnx.load(str(src / g.file)))
+            onnx.checker.check_model(converted, full_check=True)
+            onnx.save(converted, str(dst / g.file))
         else:
             model = quantize_int8(src / g.file, dst / g.file, feeds.get(g.key, []), keep_float=keep_float,
                                   method=method, smoothquant=smoothquant)

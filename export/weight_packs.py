@@ -76,7 +76,8 @@ def write_weight_packs(bundle_dir: str | Path, graphs: Sequence[GraphSpec]) -> l
         for graph, model in zip(members, models):
             values = initializers(model)
             file = f"{PACK_DIR}/{component}.b{graph.bucket}.safetensors"
-            save_file({n: np.ascontiguousarray(values[n]) for n in names}, str(bundle_dir / file),
+            # copy(order="C"), not ascontiguousarray: the latter turns 0-d INT8 scales into (1,)
+            save_file({n: values[n].copy(order="C") for n in names}, str(bundle_dir / file),
                       metadata={"component": component, "bucket": str(graph.bucket),
                                 "base_graph": members[0].file, "names": "onnx-initializers"})
             packs.append(WeightPack(component, graph.bucket, file, sha256_file(bundle_dir / file),

@@ -106,3 +106,7 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
     if not quiet:
         click.echo((out_dir / "report.md").read_text())
         click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,53 +29,59 @@ def time_call(fn: Callable[[], object], iterations: int, warmup: int = 1) -> dic
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": iterations}
 
 
-def _shape_map(model, graph_inputs: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
-    import onnx
+COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for value in model.graph.input:
-        if value.name in graph_inputs:
-            dims = value.type.tensor_type.shape.dim
-            for d, size in zip(dims, graph_inputs[value.name]):
-                d.ClearField("dim_param")
-                d.dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
+
+def _runtime_shapes(model, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Actual shapes of the counted nodes' tensors, from one ONNX Runtime run with them exposed as
+    outputs (static shape inference loses track through the attention reshapes)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    constants = {i.name: tuple(i.dims) for i in probe.graph.initializer}
+    wanted = []
+    for node in probe.graph.node:
+        if node.op_type in COUNTED_OPS:
+            wanted += [t for t in list(node.input[:2]) + [node.output[0]] if t and t not in constants]
+    existing = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(wanted):
+        if name not in existing and name not in feeds:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds)
+    shapes = dict(constants)
+    shapes.update({n: tuple(v.shape) for n, v in zip(names, values)})
+    shapes.update({n: tuple(v.shape) for n, v in feeds.items()})
     return shapes
 
 
-def graph_flops(path: str | Path, graph_inputs: dict[str, tuple[int, ...]]) -> float:
-    """Multiply-add FLOPs (2 per MAC) of the Conv, ConvTranspose, MatMul and Gemm nodes at the
-    given input shapes; other ops are memory-bound and left out."""
+def graph_flops(path: str | Path, feeds: dict[str, np.ndarray]) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the Conv, ConvTranspose, MatMul and Gemm nodes for these
+    inputs; other ops are memory-bound and left out."""
     import onnx
 
     model = onnx.load(str(path))
-    shapes = _shape_map(model, graph_inputs)
+    shapes = _runtime_shapes(model, feeds)
     total = 0.0
     for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            out, weight = shapes.get(node.output[0]), shapes.get(node.input[1])
-            if out is None or weight is None:
-                continue
-            # weight (Cout, Cin/groups, kh, kw): each output element takes Cin/groups*kh*kw MACs
-            macs = np.prod(out) * np.prod(weight[1:])
-            if node.op_type == "ConvTranspose":
-                inp = shapes.get(node.input[0])
-                macs = np.prod(inp) * np.prod(weight[1:]) if inp else 0
-            total += 2 * float(macs)
-        elif node.op_type in ("MatMul", "Gemm"):
-            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
-            out = shapes.get(node.output[0])
-            if a is None or b is None or out is None:
-                continue
-            k = a[-1] if not (node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)) else a[0]
-            total += 2 * float(np.prod(out)) * k
+        if node.op_type not in COUNTED_OPS:
+            continue
+        a, b, out = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
+        if a is None or b is None or out is None:
+            raise ValueError(f"no shape for node {node.name} ({node.op_type})")
+        if node.op_type == "Conv":  # weight (Cout, Cin/groups, kh, kw) per output element
+            macs = np.prod(out) * np.prod(b[1:])
+        elif node.op_type == "ConvTranspose":  # every input element meets (Cout/groups, kh, kw)
+            macs = np.prod(a) * np.prod(b[1:])
+        else:
+            trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+            k = a[-2] if trans_a else a[-1]
+            macs = np.prod(out) * k
+        total += 2 * float(macs)
     return total
 
 

@@ -138,7 +138,7 @@ def _components(restorer, lr: np.ndarray, cfg: BenchConfig, scale: int) -> dict[
     out = {}
     for component, (graph, f) in feeds.items():
         stats = time_call(lambda g=graph, f=f: restorer.backend.run(g, f), cfg.iterations, cfg.warmup)
-        flops = graph_flops(restorer.bundle_dir / graph.file, {k: v.shape for k, v in f.items()})
+        flops = graph_flops(restorer.bundle_dir / graph.file, f)
         stats["gflops"] = flops / 1e9
         stats["achieved_gflops_per_s"] = flops / 1e9 / (stats["mean_ms"] / 1e3)
         if cfg.peak_gflops:

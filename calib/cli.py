@@ -140,3 +140,7 @@ def main(bundle: Path, out: Path, precision: str, checkpoint: Path | None, calib
         _fail(str(err), 1 if "failed the accuracy check" in str(err) else 2)
     if not quiet:
         click.echo(f"wrote {out} (report: {out / 'accuracy.md'})")
+
+
+if __name__ == "__main__":
+    main()

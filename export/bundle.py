@@ -28,6 +28,16 @@ from mordasr.runtime.routing import BUCKET_RULE
 log = logging.getLogger(__name__)
 
 
+# Output sizes [h, w] in pixels the graphs are meant for (engine profiles; the runtime tiles
+# images whose output would exceed "max"). The tiny UNet attends over its full-resolution latent
+# (a 1024 px output needs 17 GB for one attention matrix), so its profile stops at 512.
+DEFAULT_PROFILES = {"tiny": {"min": [128, 128], "opt": [256, 256], "max": [512, 512]},
+                    "sd21": {"min": [256, 256], "opt": [512, 512], "max": [1024, 1024]}}
+
+
+def default_profile(preset: str) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in DEFAULT_PROFILES.get(preset, DEFAULT_PROFILES["sd21"]).items()}
+
 # Which export modes each adapter kind can be shipped in.
 MODES_BY_ADAPTER = {"mor": ("folded", "gated", "hybrid"), "lora": ("dense-lora", "gated")}
 
@@ -74,7 +84,8 @@ def check_mode(adapter: str, mode: str) -> None:
 def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bucket], *,
                   opset: int = DEFAULT_OPSET, slim: bool = True, force: bool = False,
                   source: dict | None = None, random_weights: bool = False,
-                  weight_packs: bool = True, lint_tensorrt: tuple[int, ...] = TENSORRT_MAJORS,
+                  weight_packs: bool = True, profile: dict[str, list[int]] | None = None,
+                  lint_tensorrt: tuple[int, ...] = TENSORRT_MAJORS,
                   external_threshold: int = EXTERNAL_DATA_THRESHOLD,
                   on_graph: Callable[[str], None] | None = None) -> Manifest:
     if not model.has_adapters:
@@ -120,6 +131,7 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
                        "sqrt_one_minus_alpha_prod": model.schedule.sqrt_one_minus_alpha_prod,
                        "latent_scale": cfg.latent_scale},
             buckets=buckets, bucket_rule=BUCKET_RULE, graphs=graphs, weight_packs=packs,
+            profile=dict(profile or default_profile(cfg.preset)),
             random_weights=random_weights,
             source=dict(source or {}, opset=opset, tensorrt_lint=list(lint_tensorrt)),
             mordasr_version=__version__)

@@ -38,11 +38,14 @@ def _fail(message: str) -> None:
 @click.option("--no-weight-packs", is_flag=True,
               help="Folded mode: skip the per-bucket weight packs (packs/*.safetensors) that let one "
                    "refittable engine switch buckets.")
-@click.option("--min-size", default="256", show_default=True,
-              help="Engine profile: smallest output, N or WxH pixels (converted to latent shapes).")
-@click.option("--opt-size", default="512", show_default=True, help="Engine profile: output size to tune for.")
-@click.option("--max-size", default="1024", show_default=True,
-              help="Engine profile: largest output; larger images must be tiled.")
+@click.option("--min-size", default=None,
+              help="Engine profile: smallest output, N or WxH pixels (converted to latent shapes) "
+                   "[default: 128 for tiny, 256 for sd21].")
+@click.option("--opt-size", default=None,
+              help="Engine profile: output size to tune for [default: 256 for tiny, 512 for sd21].")
+@click.option("--max-size", default=None,
+              help="Engine profile: largest output; mordasr-run tiles larger images [default: 512 "
+                   "for tiny, 1024 for sd21].")
 @click.option("--refittable", is_flag=True,
               help="Engines: build refittable engines; a folded bundle then builds bucket 0 only "
                    "and switches buckets by refit from its weight packs.")
@@ -92,7 +95,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     from tqdm import tqdm
 
     from mordasr.export.buckets import default_buckets, grid_buckets
-    from mordasr.export.bundle import check_mode, default_mode, export_bundle
+    from mordasr.export.bundle import check_mode, default_mode, default_profile, export_bundle
     from mordasr.export.engines import EngineOptions, build_engines
     from mordasr.export.tensorrt_config import parse_size
     from mordasr.export.trtexec import write_trtexec_script
@@ -105,6 +108,10 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             _fail(f"{checkpoint} is a base checkpoint without adapters; train adapters first "
                   "(mordasr-train adapters)")
         mode = mode or default_mode(model.config.adapter.kind)
+        preset_profile = default_profile(model.config.preset)
+        min_size = min_size or "x".join(map(str, preset_profile["min"][::-1]))
+        opt_size = opt_size or "x".join(map(str, preset_profile["opt"][::-1]))
+        max_size = max_size or "x".join(map(str, preset_profile["max"][::-1]))
         check_mode(model.config.adapter.kind, mode)
         engine_options = EngineOptions(min_size, opt_size, max_size, refittable=refittable,
                                        strongly_typed=True if strongly_typed else None,
@@ -125,6 +132,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             manifest = export_bundle(model, fp32_out, mode, buckets, opset=opset, slim=not no_slim,
                                      force=force, random_weights=bool(meta.get("random_weights")),
                                      weight_packs=not no_weight_packs,
+                                     profile={k: list(parse_size(v)) for k, v in
+                                              (("min", min_size), ("opt", opt_size), ("max", max_size))},
                                      source={"checkpoint": str(checkpoint),
                                              "bucket_placement": bucket_placement},
                                      on_graph=on_graph)
@@ -152,3 +161,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                    f"{len(manifest.weight_packs)} weight packs, build_engines.sh")
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,9 @@ import click
 
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import BACKENDS
-from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_image, write_image
+from mordasr.runtime.color import color_fix as color_fix_image
+from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image,
+                                    read_image_full, upscale_alpha, write_image)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -20,10 +22,15 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_ERROR)
 
 
+def _output_suffix(path: Path) -> str:
+    """Keep the input's format where it can be written (GIF inputs become PNG)."""
+    return path.suffix if path.suffix.lower() in OUTPUT_FORMATS else ".png"
+
+
 def _jobs(input_path: Path, output: Path, fmt: str | None) -> list[tuple[Path, Path]]:
     if input_path.is_dir():
         files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(p, (output / p.relative_to(input_path)).with_suffix(fmt or p.suffix)) for p in files]
+        return [(p, (output / p.relative_to(input_path)).with_suffix(fmt or _output_suffix(p))) for p in files]
     if output.is_dir():
         output = output / (input_path.stem + (fmt or ".png"))
     elif fmt:
@@ -75,18 +82,43 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
                    "keeps each input's suffix].")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse inputs with more pixels than this (guards memory and decompression bombs).")
+@click.option("--tile", type=click.IntRange(min=0), default=None,
+              help="Tile side in input (LR) pixels for images larger than it; 0 disables tiling "
+                   "[default: the bundle profile's largest output / scale].")
+@click.option("--tile-overlap", type=click.IntRange(min=0), default=None,
+              help="Overlap between tiles in input pixels [default: tile / 4].")
+@click.option("--tile-window", type=click.Choice(["gaussian", "linear"]), default="gaussian", show_default=True,
+              help="Blending weights across tile overlaps.")
+@click.option("--tile-routing", is_flag=True,
+              help="Score each tile for routing instead of the whole image (default: one score from "
+                   "a downscaled view of the whole image).")
+@click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True,
+              help="Pull the output's colours toward the input (OSEDiff's AdaIN or wavelet fix).")
+@click.option("--bit-depth", type=click.Choice(["auto", "8", "16"]), default="auto", show_default=True,
+              help="Output bits per channel: auto keeps 16-bit inputs 16-bit (PNG output only).")
+@click.option("--no-alpha", is_flag=True,
+              help="Composite transparent inputs over white instead of upscaling their alpha channel.")
+@click.option("--skip-existing", is_flag=True, help="Skip inputs whose output file already exists.")
+@click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str,
          max_engines: int, compare_backends: str | None, threads: int | None, fmt: str | None,
-         max_pixels: int, quiet: bool) -> None:
+         max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
+         color_fix: str, bit_depth: str, no_alpha: bool, skip_existing: bool, dry_run: bool,
+         quiet: bool) -> None:
     """Super-resolve INPUT (an image file, or a folder searched recursively) with a bundle.
 
     The degradation router scores each image; a folded bundle then runs the graphs of the
     nearest bucket, a gated bundle feeds the scores to its single UNet. Outputs are written
     atomically: a failed image leaves no file behind.
 
-    Exit codes: 0 all images restored; 1 some images of a folder failed (each is reported);
-    2 bad bundle, bad arguments, or the single input image failed.
+    Large images run in overlapping tiles (--tile); transparent images keep their alpha
+    (upscaled on its own), 16-bit inputs give 16-bit PNG output, ICC profiles and EXIF are kept
+    where the format allows. Folders: relative paths are kept, --skip-existing resumes a run,
+    a bad file is reported and the run goes on.
+
+    Exit codes: 0 all images restored (or skipped); 1 some images of a folder failed (each is
+    reported at the end); 2 bad bundle, bad arguments, or the single input image failed.
     """
     from mordasr.runtime.pipeline import Restorer  # after argument parsing, so --help is instant
 
@@ -103,6 +135,17 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     jobs = _jobs(input_path, output, suffix)
     if not jobs:
         _fail(f"{input_path}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    skipped = [j for j in jobs if skip_existing and j[1].exists()]
+    jobs = [j for j in jobs if j not in skipped]
+    if dry_run:
+        for src, dst in jobs:
+            click.echo(f"{src} -> {dst}")
+        click.echo(f"dry run: {len(jobs)} to restore, {len(skipped)} skipped (output exists)")
+        return
+    if not jobs:
+        if not quiet:
+            click.echo(f"nothing to do: all {len(skipped)} outputs exist")
+        return
     options: dict = {"bucket_switch": bucket_switch}
     if threads and backend != "tensorrt":
         options["threads"] = threads
@@ -118,31 +161,53 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     if len(jobs) > 1 and not quiet:
         from tqdm import tqdm
 
+        # tqdm shows images/s and the ETA from the running rate
         progress = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
     for src, dst in jobs:
         start = time.perf_counter()
         try:
-            image = read_image(src, max_pixels=max_pixels)
-            result = restorer.restore(image)
-            write_image(dst, result.image)
-        except MordasrError as err:
-            failures.append((src, str(err)))
-            click.echo(f"mordasr-run: error: {err}", err=True)
+            decoded = read_image_full(src, max_pixels=max_pixels)
+            keep_alpha = decoded.alpha is not None and not no_alpha
+            image = decoded.rgb if keep_alpha else decoded.composited()
+            result = restorer.restore(image, tile=tile, overlap=tile_overlap, tile_routing=tile_routing,
+                                      window=tile_window)
+            restored = color_fix_image(result.image, image, color_fix)
+            h, w = restored.shape[:2]
+            alpha = upscale_alpha(decoded.alpha, w, h) if keep_alpha else None
+            depth = decoded.bit_depth if bit_depth == "auto" else int(bit_depth)
+            write_image(dst, restored, alpha=alpha, bit_depth=depth, icc_profile=decoded.icc_profile,
+                        exif=decoded.exif)
+        except Exception as err:  # a long batch goes on past any one bad file, and says why
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not isinstance(err, MordasrError):
+                reason = f"{src}: {type(err).__name__}: {reason}"
+            failures.append((src, reason))
+            if progress:
+                progress.write(f"mordasr-run: error: {reason}", file=sys.stderr)
+            else:
+                click.echo(f"mordasr-run: error: {reason}", err=True)
         else:
             if not quiet:
                 where = f"bucket {result.bucket}" if result.bucket is not None else restorer.manifest.mode
+                extra = ", first frame of an animation" if decoded.frames > 1 else ""
                 msg = (f"{src} -> {dst} ({image.shape[1]}x{image.shape[0]} -> "
-                       f"{result.image.shape[1]}x{result.image.shape[0]}, {where}, "
+                       f"{result.image.shape[1]}x{result.image.shape[0]}, {where}{extra}, "
                        f"{time.perf_counter() - start:.2f} s)")
                 (progress.write if progress else click.echo)(msg)
         if progress:
             progress.update(1)
     if progress:
         progress.close()
+    if skipped and not quiet:
+        click.echo(f"skipped {len(skipped)} images whose output exists")
     if failures:
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not input_path.is_dir():
             sys.exit(EXIT_ERROR)
         click.echo(f"mordasr-run: {len(failures)} of {len(jobs)} images failed:", err=True)
-        for src, reason in failures:
-            click.echo(f"  {src}: {reason}", err=True)
+        for _, reason in failures:  # each reason starts with its file's path
+            click.echo(f"  {reason}", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+if __name__ == "__main__":
+    main()

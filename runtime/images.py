@@ -1,22 +1,28 @@
 """Image decoding and encoding with Pillow: float32 RGB in [0, 1], atomic writes.
 
 Errors are ``ImageError`` with a one-line reason. Decompression bombs and images above
-``max_pixels`` are refused before their pixels are decoded.
+``max_pixels`` are refused before their pixels are decoded. ``read_image_full`` also keeps what
+a restored file should carry over: the alpha channel, the bit depth, the ICC profile and EXIF
+(with the orientation reset, since the pixels are already turned upright).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mordasr.errors import ImageError
+from mordasr.runtime.png16 import encode_png16, is_png16_color, read_png16
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_MAX_PIXELS = 64_000_000
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
@@ -37,11 +43,48 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to float32 (H, W, 3) in [0, 1], honouring EXIF orientation."""
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # float32 (H, W, 3) in [0, 1]; straight (not premultiplied) colour
+    alpha: np.ndarray | None  # float32 (H, W) in [0, 1], or None
+    bit_depth: int  # 8 or 16 (per channel, of the source)
+    icc_profile: bytes | None
+    exif: bytes | None  # orientation reset to 1
+    frames: int  # > 1 for animations: only the first frame is restored
+
+    def composited(self) -> np.ndarray:
+        """RGB over white (what the network sees when alpha is not kept separately)."""
+        if self.alpha is None:
+            return self.rgb
+        a = self.alpha[..., None]
+        return self.rgb * a + (1.0 - a)
+
+
+def _alpha_of(img: Image.Image) -> np.ndarray | None:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
+    return None
+
+
+def read_image_full(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode an image file with its alpha, bit depth, ICC profile and EXIF."""
+    path = Path(path)
+    holder: dict = {}
+    rgb = read_image(path, max_pixels, _extra=holder)
+    return DecodedImage(rgb if holder["alpha"] is None else holder["straight"], holder["alpha"],
+                        holder["bit_depth"], holder["icc"], holder["exif"], holder["frames"])
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, _extra: dict | None = None) -> np.ndarray:
+    """Decode an image file to float32 (H, W, 3) in [0, 1], honouring EXIF orientation.
+
+    Transparent images are composited over white; ``read_image_full`` keeps the alpha instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    if is_png16_color(path):
+        return _read_png16(path, max_pixels, _extra)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -51,9 +94,20 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                     raise ImageError(f"{path}: {width}x{height} exceeds the limit of {max_pixels} pixels")
                 if width < 1 or height < 1:
                     raise ImageError(f"{path}: empty image")
+                frames = getattr(img, "n_frames", 1)
                 img.load()
+                exif = img.getexif()
                 img = ImageOps.exif_transpose(img)
                 array = _to_float_rgb(img)
+                if _extra is not None:
+                    alpha = _alpha_of(img)
+                    _extra.update(alpha=alpha, frames=frames, icc=img.info.get("icc_profile"),
+                                  bit_depth=16 if img.mode.startswith("I;16") or img.mode == "I" else 8)
+                    if alpha is not None:
+                        _extra["straight"] = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
+                    if exif:
+                        exif[0x0112] = 1  # orientation: the pixels are upright now
+                    _extra["exif"] = exif.tobytes() if exif else None
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -67,28 +121,76 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return array
 
 
+def _read_png16(path: Path, max_pixels: int, extra: dict | None) -> np.ndarray:
+    with open(path, "rb") as f:
+        width, height = struct.unpack(">II", f.read(24)[16:24])
+    if width * height > max_pixels:
+        raise ImageError(f"{path}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+    try:
+        pixels, icc = read_png16(path)
+    except (ValueError, zlib.error, struct.error) as err:
+        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+    values = pixels.astype(np.float32) / 65535.0
+    rgb, alpha = values[..., :3], (values[..., 3] if values.shape[-1] == 4 else None)
+    if extra is not None:
+        extra.update(alpha=alpha, frames=1, icc=icc, bit_depth=16, exif=None, straight=rgb)
+    if alpha is not None:
+        rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+    return np.ascontiguousarray(rgb)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def write_image(path: str | Path, image: np.ndarray) -> Path:
-    """Write float (H, W, 3) in [0, 1] as 8-bit; atomically (temporary file, then rename)."""
+ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
+ICC_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF")
+EXIF_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def write_image(path: str | Path, image: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
+                icc_profile: bytes | None = None, exif: bytes | None = None) -> Path:
+    """Write float (H, W, 3) in [0, 1] atomically (temporary file, then rename).
+
+    ``alpha`` (H, W) is kept where the format has an alpha channel (PNG, WebP, TIFF) and
+    composited over white elsewhere; ``bit_depth=16`` writes 16-bit PNG (other formats stay
+    8-bit); the ICC profile and EXIF are kept where the format allows.
+    """
     path = Path(path)
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"{path}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
-    if not np.isfinite(image).all():
+    if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
         raise ImageError(f"{path}: refusing to write an image with NaN or inf values")
+    if alpha is not None and fmt not in ALPHA_FORMATS:
+        image = image * alpha[..., None] + (1.0 - alpha[..., None])
+        alpha = None
+    channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image)).save(f, format=fmt)
+            if bit_depth == 16 and fmt == "PNG":
+                f.write(encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile))
+            else:
+                options = {}
+                if icc_profile and fmt in ICC_FORMATS:
+                    options["icc_profile"] = icc_profile
+                if exif and fmt in EXIF_FORMATS:
+                    options["exif"] = exif
+                if fmt == "JPEG":
+                    options["quality"] = 95
+                Image.fromarray(to_uint8(channels)).save(f, format=fmt, **options)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The alpha channel upscaled on its own (bicubic), clipped to [0, 1]."""
+    return np.clip(resize(alpha[..., None], width, height)[..., 0], 0.0, 1.0)
 
 
 def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:

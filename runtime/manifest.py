@@ -109,6 +109,7 @@ class Manifest:
     weight_packs: list[WeightPack] = field(default_factory=list)
     engines: list[EngineSpec] = field(default_factory=list)
     latent_downsample: int = 8  # image pixels per latent pixel (for shape profiles)
+    profile: dict[str, list[int]] = field(default_factory=dict)  # output [h, w] px: min/opt/max
     schema_version: int = SCHEMA_VERSION
     mordasr_version: str = ""
 

@@ -1,5 +1,7 @@
 """Restorer: image -> router -> bucket or gates -> encoder -> UNet -> x0 step -> decoder -> image.
 
+Images larger than the bundle's profile run the same steps over overlapping, blended tiles.
+
 Everything a bundle needs to know about its graphs comes from its manifest; this module only
 moves numpy arrays between them in the order of the MoR-DASR data path.
 """
@@ -17,6 +19,7 @@ from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket
+from mordasr.runtime.tiling import tiled_apply
 
 
 @dataclass
@@ -61,29 +64,50 @@ class Restorer:
         view = resize(image, size, size).clip(0, 1).transpose(2, 0, 1)[None]
         return self._run("router", None, image=np.ascontiguousarray(view, dtype=np.float32))[0]
 
-    def restore(self, image: np.ndarray, bucket: int | None = None) -> RestoreResult:
+    def route(self, scores: np.ndarray, bucket: int | None = None) -> int | None:
+        """Folded bundles: the forced or nearest bucket; other modes take the scores as input."""
+        if self.manifest.mode != "folded":
+            return None
+        if bucket is None:
+            return int(nearest_bucket(scores, self.centres)[0])
+        if not 0 <= bucket < len(self.centres):
+            raise ValueError(f"bucket {bucket} out of range 0..{len(self.centres) - 1}")
+        return bucket
+
+    def default_tile(self) -> int | None:
+        """LR tile side from the bundle's profile (its largest output), or None: no tiling."""
+        largest = self.manifest.profile.get("max") if self.manifest.profile else None
+        return min(largest) // self.scale if largest else None
+
+    def restore(self, image: np.ndarray, bucket: int | None = None, tile: int | None = None,
+                overlap: int | None = None, tile_routing: bool = False,
+                window: str = "gaussian") -> RestoreResult:
         """Super-resolve one low-resolution image (H, W, 3) float in [0, 1].
 
-        ``bucket`` forces a folded bundle's bucket instead of the router's nearest one.
+        ``bucket`` forces a folded bundle's bucket instead of the router's nearest one. Images
+        with a side above ``tile`` LR pixels (default: the bundle profile's largest output /
+        scale) run in overlapping tiles (``overlap`` LR pixels, default tile / 4) blended with
+        a ``window``; ``tile_routing`` scores each tile instead of the whole image.
         """
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ImageError(f"expected an (H, W, 3) image, got shape {image.shape}")
         height, width = image.shape[:2]
-        # 1. router: degradation scores of the whole image
+        # 1. router: degradation scores of the whole image (a downscaled view)
         scores = self.scores(image)
-        # 2. routing: folded bundles pick the nearest bucket; gated bundles feed the scores
-        if self.manifest.mode != "folded":
-            bucket = None
-        elif bucket is None:
-            bucket = int(nearest_bucket(scores, self.centres)[0])
-        elif not 0 <= bucket < len(self.centres):
-            raise ValueError(f"bucket {bucket} out of range 0..{len(self.centres) - 1}")
+        # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
+        bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
         # pad to the multiple the graphs need (reflect), crop the output back
         m = self.manifest.lr_multiple
         pad_h, pad_w = (-height) % m, (-width) % m
         x = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+        tile = tile if tile is not None else self.default_tile()
+        s = self.scale
+        if tile and max(x.shape[-2:]) > tile:
+            out = self._restore_tiled(x, bucket, score_feed, tile, overlap, tile_routing, window)
+            return RestoreResult(np.ascontiguousarray(out[0, :, : height * s, : width * s].transpose(1, 2, 0)),
+                                 scores, None if tile_routing else bucket)
         # 3. encoder (bicubic upsample inside the graph) -> latent mean
         z_l = self._run("encoder", bucket, image=x, scores=score_feed)
         # 4. UNet noise prediction at the fixed timestep
@@ -92,6 +116,39 @@ class Restorer:
         z_h = (z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
         # 6. decoder -> image in [0, 1]
         out = self._run("decoder", None, latent=z_h.astype(np.float32))
-        s = self.scale
         restored = out[0, :, : height * s, : width * s].transpose(1, 2, 0)
         return RestoreResult(np.ascontiguousarray(restored), scores, bucket)
+
+    def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
+                       overlap: int | None, tile_routing: bool, window: str) -> np.ndarray:
+        """The same six steps over overlapping tiles: encoder on LR tiles, UNet and decoder on
+        the matching latent tiles, each blended into a full-size buffer."""
+        m, f = self.manifest.lr_multiple, self.manifest.latent_downsample
+        lat = self.scale / f  # latent pixels per LR pixel
+        tile = max(m, tile // m * m)
+        overlap = (tile // 4 if overlap is None else overlap) // m * m
+        overlap = min(overlap, tile - m)
+        routes: dict[tuple[int, int], tuple[int | None, np.ndarray]] = {}
+
+        def route_at(y0: int, x0: int) -> tuple[int | None, np.ndarray]:
+            if not tile_routing:
+                return bucket, score_feed
+            if (y0, x0) not in routes:
+                view = x[0, :, y0:y0 + tile, x0:x0 + tile].transpose(1, 2, 0)
+                tile_scores = self.scores(view)
+                routes[(y0, x0)] = (self.route(tile_scores), tile_scores[None].astype(np.float32))
+            return routes[(y0, x0)]
+
+        def encoder(t, origin):
+            b, feed = route_at(*origin)
+            return self._run("encoder", b, image=t, scores=feed)
+
+        def unet(t, origin):
+            b, feed = route_at(round(origin[0] / lat), round(origin[1] / lat))
+            return self._run("unet", b, latent=t, scores=feed)
+
+        lt, lo, lm = round(tile * lat), round(overlap * lat), round(m * lat)
+        z_l = tiled_apply(encoder, x, tile, overlap, lat, m, window)
+        eps = tiled_apply(unet, z_l, lt, lo, 1, lm, window)
+        z_h = ((z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha).astype(np.float32)
+        return tiled_apply(lambda t, _o: self._run("decoder", None, latent=t), z_h, lt, lo, f, lm, window)

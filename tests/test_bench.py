@@ -121,7 +121,7 @@ def test_graph_flops_counts_conv_and_matmul(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, m])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
-    flops = graph_flops(tmp_path / "g.onnx", {"x": (2, 3, 8, 8)})
+    flops = graph_flops(tmp_path / "g.onnx", {"x": np.zeros((2, 3, 8, 8), np.float32)})
     conv = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
     matmul = 2 * (2 * 8 * 8 * 5) * 8
     assert flops == conv + matmul

@@ -135,3 +135,7 @@ def base(out: Path, vae_steps: int, estimator_steps: int, unet_steps: int, batch
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

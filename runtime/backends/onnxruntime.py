@@ -92,6 +92,10 @@ class OnnxRuntimeBackend:
     def _options(self):
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
+        # Graphs run one after another: a session's pool spinning after its run steals the cores
+        # the next session needs (measured on the tiny gated bundle, 2 cores: end to end was 19.7 %
+        # above the sum of the graphs' own times with spinning, -0.8 % without).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             options.intra_op_num_threads = self.threads
         return options

@@ -1,0 +1,91 @@
+"""Overlapping tiles and seam-free blending, for inputs larger than a graph's profile.
+
+A component maps an input (N, C, H, W) to an output whose sides are ``factor`` times the input's
+(encoder: scale / latent downsample; UNet: 1; decoder: latent downsample). ``tiled_apply`` runs it
+on overlapping input tiles whose origins and sizes are multiples of ``multiple``, weights every
+output tile with a smooth window (Gaussian, or linear ramps) and divides by the summed weights,
+so overlaps blend without seams and an identity component reproduces its input. Working memory is
+one tile's input and output plus the two full-size accumulators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+WINDOWS = ("gaussian", "linear")
+
+
+def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
+    """Origins of tiles of ``tile`` covering [0, length): multiples of ``multiple``, neighbours
+    overlapping by at least ``overlap`` (when the length needs more than one tile)."""
+    if tile < 1 or multiple < 1:
+        raise ValueError("tile and multiple must be at least 1")
+    if tile % multiple:
+        raise ValueError(f"tile {tile} is not a multiple of {multiple}")
+    if length <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
+    step = max(multiple, (tile - overlap) // multiple * multiple)
+    last = (length - tile + multiple - 1) // multiple * multiple  # may overhang: the caller pads
+    starts = list(range(0, last, step))
+    starts.append(last)
+    return starts
+
+
+def window(height: int, width: int, kind: str = "gaussian", margin: int | None = None) -> np.ndarray:
+    """(height, width) float64 blending weights, largest in the middle and > 0 everywhere."""
+    if kind not in WINDOWS:
+        raise ValueError(f"unknown window {kind!r}; choose one of {', '.join(WINDOWS)}")
+
+    def axis(n: int) -> np.ndarray:
+        x = np.arange(n, dtype=np.float64) + 0.5
+        if kind == "gaussian":
+            sigma = n / 4
+            return np.exp(-0.5 * ((x - n / 2) / sigma) ** 2)
+        ramp = margin if margin else max(1, n // 4)
+        return np.clip(np.minimum(x, n - x) / ramp, 1e-3, 1.0)
+
+    return np.outer(axis(height), axis(width))
+
+
+def tiled_apply(fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int, overlap: int,
+                factor: float, multiple: int = 1, kind: str = "gaussian",
+                on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Run ``fn(tile, (y0, x0))`` over overlapping tiles of ``x`` (N, C, H, W) and blend the outputs.
+
+    ``factor`` is output side / input side (a float for the encoder's scale/downsample). The input
+    is edge-padded so every tile is full-size and a multiple of ``multiple``; the output is cropped
+    back to ``round(H * factor) x round(W * factor)``.
+    """
+    n, _, height, width = x.shape
+    ys = tile_starts(height, tile, overlap, multiple)
+    xs = tile_starts(width, tile, overlap, multiple)
+    tile_h = tile if len(ys) > 1 or height > tile else -(-height // multiple) * multiple
+    tile_w = tile if len(xs) > 1 or width > tile else -(-width // multiple) * multiple
+    pad_h = max(ys[-1] + tile_h - height, 0)
+    pad_w = max(xs[-1] + tile_w - width, 0)
+    if pad_h or pad_w:
+        x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+    out_h, out_w = round((height + pad_h) * factor), round((width + pad_w) * factor)
+    acc = None
+    weights = np.zeros((out_h, out_w), dtype=np.float64)
+    total = len(ys) * len(xs)
+    done = 0
+    for y0 in ys:
+        for x0 in xs:
+            out = fn(np.ascontiguousarray(x[:, :, y0:y0 + tile_h, x0:x0 + tile_w]), (y0, x0))
+            oh, ow = out.shape[-2:]
+            oy, ox = round(y0 * factor), round(x0 * factor)
+            w = window(oh, ow, kind)
+            if acc is None:
+                acc = np.zeros((n, out.shape[1], out_h, out_w), dtype=np.float64)
+            acc[:, :, oy:oy + oh, ox:ox + ow] += out * w
+            weights[oy:oy + oh, ox:ox + ow] += w
+            done += 1
+            if on_tile:
+                on_tile(done, total)
+    result = acc / weights
+    return result[:, :, : round(height * factor), : round(width * factor)].astype(np.float32)

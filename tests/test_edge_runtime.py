@@ -1,0 +1,214 @@
+"""The edge runtime on real-world files: alpha, 16-bit, ICC/EXIF, animations, colour fix, folder
+runs (skip-existing, dry-run), and a fuzz corpus through ``mordasr-run`` as a subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mordasr.runtime.cli import main as run_main
+from mordasr.runtime.color import adain, color_fix, wavelet
+from mordasr.runtime.images import read_image, read_image_full, write_image
+from mordasr.runtime.png16 import encode_png16, read_png16
+
+RNG = np.random.default_rng(7)
+FAKE_ICC = b"\0\0\0\x18mordasr-test-icc-profile"
+
+
+def _png16_filtered(pixels: np.ndarray, filters: list[int]) -> bytes:
+    """A 16-bit PNG whose rows use the given filter types (a reference encoder for the test)."""
+    h, w, c = pixels.shape
+    bpp = 2 * c
+    rows = [pixels[y].astype(">u2").tobytes() for y in range(h)]
+    out = b""
+    prev = bytes(len(rows[0]))
+    for y, row in enumerate(rows):
+        kind = filters[y % len(filters)]
+        enc = bytearray()
+        for i, byte in enumerate(row):
+            a = row[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            cc = prev[i - bpp] if i >= bpp else 0
+            if kind == 0:
+                pred = 0
+            elif kind == 1:
+                pred = a
+            elif kind == 2:
+                pred = b
+            elif kind == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - cc
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else cc)
+            enc.append((byte - pred) & 0xFF)
+        out += bytes([kind]) + bytes(enc)
+        prev = row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(out)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png16_decoder_handles_every_row_filter(tmp_path, channels):
+    pixels = RNG.integers(0, 65536, (6, 5, channels), dtype=np.uint16)
+    path = tmp_path / "f.png"
+    path.write_bytes(_png16_filtered(pixels, [0, 1, 2, 3, 4]))
+    decoded, icc = read_png16(path)
+    assert np.array_equal(decoded, pixels) and icc is None
+
+
+def test_16bit_png_stays_16bit_with_alpha_and_icc(tmp_path):
+    pixels = RNG.integers(0, 65536, (9, 7, 4), dtype=np.uint16)
+    path = tmp_path / "in.png"
+    path.write_bytes(encode_png16(pixels, FAKE_ICC))
+    decoded = read_image_full(path)
+    assert decoded.bit_depth == 16 and decoded.icc_profile == FAKE_ICC
+    assert np.array_equal(np.round(decoded.rgb * 65535).astype(np.uint16), pixels[..., :3])
+    assert np.array_equal(np.round(decoded.alpha * 65535).astype(np.uint16), pixels[..., 3])
+    out = tmp_path / "out.png"
+    write_image(out, decoded.rgb, decoded.alpha, 16, decoded.icc_profile)
+    again, icc = read_png16(out)
+    assert np.array_equal(again, pixels) and icc == FAKE_ICC
+    # composited view for the network: over white
+    flat = read_image(path)
+    a = pixels[..., 3:] / 65535.0
+    assert np.allclose(flat, pixels[..., :3] / 65535.0 * a + 1 - a, atol=1e-6)
+
+
+def test_exif_orientation_applied_and_reset(tmp_path):
+    pixels = RNG.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    exif[0x010F] = "mordasr-test-camera"
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=100, icc_profile=FAKE_ICC)
+    decoded = read_image_full(path)
+    assert decoded.rgb.shape == (6, 4, 3) and decoded.icc_profile == FAKE_ICC
+    out = tmp_path / "out.jpg"
+    write_image(out, decoded.rgb, exif=decoded.exif, icc_profile=decoded.icc_profile)
+    with Image.open(out) as written:
+        assert written.getexif()[0x0112] == 1 and written.getexif()[0x010F] == "mordasr-test-camera"
+        assert written.info["icc_profile"] == FAKE_ICC and written.size == (4, 6)
+
+
+def test_alpha_goes_where_the_format_allows(tmp_path):
+    rgb = RNG.uniform(0, 1, (5, 5, 3)).astype(np.float32)
+    alpha = np.linspace(0, 1, 25, dtype=np.float32).reshape(5, 5)
+    write_image(tmp_path / "a.png", rgb, alpha)
+    write_image(tmp_path / "a.jpg", rgb, alpha)
+    assert Image.open(tmp_path / "a.png").mode == "RGBA" and Image.open(tmp_path / "a.jpg").mode == "RGB"
+
+
+def test_animation_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    decoded = read_image_full(tmp_path / "anim.gif")
+    assert decoded.frames == 2 and decoded.rgb[0, 0, 0] > 0.9
+
+
+def test_color_fixes_pull_toward_the_input():
+    lr = RNG.uniform(0.3, 0.7, (16, 16, 3)).astype(np.float32)
+    out = np.clip(np.kron(lr, np.ones((4, 4, 1))) * 0.6 + 0.3, 0, 1).astype(np.float32)  # colour shifted
+    for method in ("adain", "wavelet"):
+        fixed = color_fix(out, lr, method)
+        assert fixed.shape == out.shape and np.isfinite(fixed).all()
+        ref = np.kron(lr, np.ones((4, 4, 1)))
+        assert np.abs(fixed.mean(axis=(0, 1)) - ref.mean(axis=(0, 1))).max() < \
+            np.abs(out.mean(axis=(0, 1)) - ref.mean(axis=(0, 1))).max()
+    same = RNG.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    assert np.allclose(adain(same, same), same, atol=1e-4)
+    assert np.allclose(wavelet(same, same), same, atol=1e-5)
+    assert color_fix(out, lr, "none") is out
+    with pytest.raises(ValueError):
+        color_fix(out, lr, "histogram")
+
+
+def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(RNG.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(src / "sub" / "a.png")
+    (src / "b.png").write_bytes(encode_png16(RNG.integers(0, 65536, (8, 8, 3), dtype=np.uint16)))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    dry = runner.invoke(run_main, [str(src), "-o", str(out), "--bundle", str(folded_bundle), "--dry-run"])
+    assert dry.exit_code == 0 and "2 to restore" in dry.output and not out.exists()
+    result = runner.invoke(run_main, [str(src), "-o", str(out), "--bundle", str(folded_bundle), "-q"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "sub" / "a.png") as a:
+        assert a.mode == "RGBA" and a.size == (40, 48)
+    assert read_image_full(out / "b.png").bit_depth == 16
+    stamp = (out / "b.png").stat().st_mtime_ns
+    again = runner.invoke(run_main, [str(src), "-o", str(out), "--bundle", str(folded_bundle), "--skip-existing"])
+    assert again.exit_code == 0 and "all 2 outputs exist" in again.output
+    assert (out / "b.png").stat().st_mtime_ns == stamp
+
+
+def _fuzz_corpus(folder):
+    """Files a phone, a scanner or a broken copy produces; name -> whether it should restore."""
+    folder.mkdir()
+    good = Image.fromarray(RNG.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    good.save(buf, format="PNG")
+    png = buf.getvalue()
+    cases = {}
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2]); cases["truncated.png"] = False
+    (folder / "zero.jpg").write_bytes(b""); cases["zero.jpg"] = False
+    (folder / "text.png").write_text("not an image"); cases["text.png"] = False
+    (folder / "png_named.jpg").write_bytes(png); cases["png_named.jpg"] = True  # decoded by content
+    Image.new("RGB", (1, 1), "gray").save(folder / "one.png"); cases["one.png"] = True
+    Image.new("RGB", (300, 2), "gray").save(folder / "wide.png"); cases["wide.png"] = True
+    (folder / "deep.png").write_bytes(encode_png16(RNG.integers(0, 65536, (6, 6, 3), dtype=np.uint16)))
+    cases["deep.png"] = True
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(folder / "cmyk.jpg"); cases["cmyk.jpg"] = True
+    rotated = Image.new("RGB", (8, 4), "white")
+    exif = rotated.getexif()
+    exif[0x0112] = 8
+    rotated.save(folder / "rotated.jpg", exif=exif); cases["rotated.jpg"] = True
+    frames = [Image.new("P", (8, 8), i) for i in (1, 2)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:]); cases["anim.gif"] = True
+    # a PNG declaring 100000 x 100000 pixels (a decompression bomb) with a few bytes of data
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (folder / "bomb.png").write_bytes(bomb); cases["bomb.png"] = False
+    return cases
+
+
+def test_fuzz_corpus_through_the_cli(folded_bundle, tmp_path):
+    cases = _fuzz_corpus(tmp_path / "fuzz")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "mordasr.runtime.cli", str(tmp_path / "fuzz"), "-o", str(out),
+                           "--bundle", str(folded_bundle), "--tile", "64"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 1, proc.stderr  # some failed, the rest were written
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    summary = proc.stderr[proc.stderr.index("images failed:"):]
+    for name, ok in cases.items():
+        written = list(out.glob(name.rsplit(".", 1)[0] + ".*"))
+        if ok:
+            assert written, f"{name} was not restored: {proc.stderr}"
+        else:
+            assert not written, name
+            line = next(ln for ln in summary.splitlines() if name in ln)
+            assert line.strip().count(str(tmp_path)) == 1 and len(line) < 300  # one line: path, reason
+    assert "exceeds the limit" in summary or "decompression bomb" in summary
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no partial or temp files
+    with Image.open(out / "rotated.jpg") as r:
+        assert r.size == (16, 32)  # EXIF orientation 8 turned 8x4 into 4x8 before the x4 upscale

@@ -58,7 +58,7 @@ def _plot(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "buckets.png", dpi=110)
         written.append("buckets.png")
 
-    measured = [r for r in rows if r.get("memory")]
+    measured = [r for r in rows if r.get("memory") and "peak_rss_mib" in r["memory"]]
     if measured:
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar([f"{r['variant']}\n{r['precision']}" for r in measured],
@@ -75,6 +75,14 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _memory_cell(memory: dict | None) -> str:
+    if not memory:
+        return "n/a"
+    if "peak_rss_mib" in memory:
+        return _fmt(memory["peak_rss_mib"], 0)
+    return f"{memory['peak_gpu_mib']:.0f} (GPU)"
 
 
 def markdown(results: dict, plots: list[str]) -> str:
@@ -100,7 +108,7 @@ def markdown(results: dict, plots: list[str]) -> str:
         overhead = f"{100 * r['runtime_overhead']:.1f} %" if "runtime_overhead" in r else "n/a"
         lines.append(f"| {r['variant']} | {r['precision']} | {_fmt(lat['p50_ms'])} | {_fmt(lat['p95_ms'])} | "
                      f"{_fmt(lat['p99_ms'])} | {_fmt(r['throughput_img_per_s'])} | {overhead} | "
-                     f"{_fmt(r['memory']['peak_rss_mib'], 0) if r['memory'] else 'n/a'} | "
+                     f"{_memory_cell(r['memory'])} | "
                      f"{_fmt(r['size']['graphs_mib']) if r['size'] else 'n/a'} | {_fmt(r['export_seconds'], 1)} | "
                      f"{_fmt(r['psnr_vs_fp32_torch'])} | {_fmt(r['ssim_vs_fp32_torch'], 4)} | "
                      f"{_fmt(r['psnr_vs_hr'])} | {_fmt(r['ssim_vs_hr'], 4)} |")

@@ -209,6 +209,9 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
                 latency = time_call(lambda: model(x), cfg.iterations, cfg.warmup)
             fidelity = [(None, _quality(r, hr)) for r, (_, hr) in zip(references[kind], pairs)]  # it is the reference
             results["variants"].append(_row(name, "fp32", "torch-cpu", latency, None, None, None, None, fidelity))
+            if torch.cuda.is_available():
+                results["variants"].extend(_torch_cuda_rows(name, model, timed_lr, pairs, references[kind], cfg,
+                                                            progress))
             continue
         bundle = workdir / f"{name}-fp32"
         progress(f"{name}: export")
@@ -225,6 +228,12 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
                 images = synthetic_images(16, scale, seed=cfg.seed) if precision == "int8" else None
                 build_precision_bundle(bundle, path, precision, images=images, per_bucket=max(1, 16 // len(buckets)))
             progress(f"{name} {precision}: timing")
+            if cfg.backend == "tensorrt":
+                from mordasr.export.engines import EngineOptions, build_engines
+
+                progress(f"{name} {precision}: engines")
+                side = cfg.lr_size * scale
+                build_engines(path, EngineOptions(min_size=str(side), opt_size=str(side), max_size=str(side)))
             restorer = Restorer(path, backend=cfg.backend)
             latency = time_call(lambda: restorer.restore(timed_lr), cfg.iterations, cfg.warmup)
             components = _components(restorer, timed_lr, cfg, scale)
@@ -244,6 +253,41 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
         results["bucket_sweep"] = bucket_sweep(models["mor"], pairs, cfg.bucket_sweep, cfg.seed)
     results["targets"] = targets(results["variants"])
     return results
+
+
+def _torch_cuda_rows(name, model, lr, pairs, references, cfg: BenchConfig, progress) -> list[dict]:
+    """Unmerged PyTorch on the GPU in FP16 and BF16, replayed as a CUDA graph: the eager
+    reference the engines are compared against. GPU memory is the peak allocated by torch."""
+    rows = []
+    device_model = model.to("cuda")
+    for dtype, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        progress(f"{name}: torch-cuda {label}")
+        static = torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()).cuda()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            for _ in range(3):  # warm up on a side stream before capture, as CUDA graphs require
+                model(static)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = device_model(static)
+
+        def replay():
+            graph.replay()
+            torch.cuda.synchronize()
+
+        latency = time_call(replay, cfg.iterations, cfg.warmup)
+        fidelity = []
+        for (lr_i, hr), ref in zip(pairs, references):
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                out = device_model(torch.from_numpy(lr_i.transpose(2, 0, 1)[None].copy()).cuda())
+            image = out[0].float().cpu().numpy().transpose(1, 2, 0)
+            fidelity.append((_quality(image, ref), _quality(image, hr)))
+        del static_out
+        memory = {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+        rows.append(_row(f"{name}-cuda-graph", label, "torch-cuda", latency, None, memory, None, None, fidelity))
+    model.to("cpu")
+    return rows
 
 
 def _row(name, precision, backend, latency, components, memory, size, export_seconds, fidelity) -> dict:

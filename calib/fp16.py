@@ -23,6 +23,8 @@ import warnings
 
 import onnx
 
+from mordasr.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
             "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Exp", "Sin", "Cos", "Erf", "TopK", "Resize")
 
@@ -114,17 +116,36 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _infer_types_on_disk(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference for a graph too large to serialise in one piece: through a file with
+    external data, as ``infer_shapes_path`` allows."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data")
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))
+        return onnx.load(str(path))
+
+
 def convert_fp16(model: onnx.ModelProto, fp32_ops: tuple[str, ...] = FP32_OPS) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # not SerializeToString: protobuf cannot serialise past 2 GB (sd21's UNet)
+    model = copy
     # Stale value_info from the exporter's shape inference makes the converter type the outputs of
     # blocked nodes as float16 while it casts them from float32 (an invalid graph); drop it and
-    # let the converter re-infer.
+    # let the types be inferred afresh.
     model.graph.ClearField("value_info")
+    large = sum(len(i.raw_data) for i in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    if large:
+        model = _infer_types_on_disk(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # per-constant "truncated to 1e-7" notices
         converted = convert_float_to_float16(model, keep_io_types=True,
                                              op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(fp32_ops),
-                                             node_block_list=routing_nodes(model))
+                                             node_block_list=routing_nodes(model), disable_shape_infer=large)
     return topological_sort(drop_fp16_round_trips(converted))

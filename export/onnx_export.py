@@ -55,9 +55,14 @@ def export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], spec: Compone
             finally:
                 torch.backends.mha.set_fastpath_enabled(fastpath)
         model = onnx.load(str(traced))
-        if slim:
-            model = _slim(model)
         weights = sum(len(i.raw_data) or i.ByteSize() for i in model.graph.initializer)
+        if slim and weights <= external_threshold:
+            model = _slim(model)
+        elif slim:
+            # onnxslim serialises the whole model, which protobuf refuses past 2 GB: large graphs
+            # keep the exporter's constant folding only.
+            log.warning("%s: %.1f GB of weights, too large for onnxslim; exported without slimming",
+                        path.name, weights / 1e9)
         if weights <= external_threshold:
             onnx.checker.check_model(model, full_check=True)
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
+
+from mordasr.runtime.atomic import atomic_write
 
 PLOTS = ("latency", "resolution", "buckets", "memory")
 
@@ -179,7 +180,5 @@ def write_report(results: dict, out: Path) -> list[Path]:
     files = {"results.json": json.dumps(results, indent=2) + "\n", "report.md": md,
              "report.html": _html(md, plots, out)}
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
     return [out / n for n in files] + [out / p for p in plots]

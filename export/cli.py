@@ -108,16 +108,14 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             _fail(f"{checkpoint} is a base checkpoint without adapters; train adapters first "
                   "(mordasr-train adapters)")
         mode = mode or default_mode(model.config.adapter.kind)
-        preset_profile = default_profile(model.config.preset)
-        min_size = min_size or "x".join(map(str, preset_profile["min"][::-1]))
-        opt_size = opt_size or "x".join(map(str, preset_profile["opt"][::-1]))
-        max_size = max_size or "x".join(map(str, preset_profile["max"][::-1]))
         check_mode(model.config.adapter.kind, mode)
-        engine_options = EngineOptions(min_size, opt_size, max_size, refittable=refittable,
+        preset_profile = default_profile(model.config.preset)
+        given = {"min": min_size, "opt": opt_size, "max": max_size}
+        profile = {k: list(parse_size(v)) if v else preset_profile[k] for k, v in given.items()}
+        sizes = {k: f"{w}x{h}" for k, (h, w) in profile.items()}
+        engine_options = EngineOptions(sizes["min"], sizes["opt"], sizes["max"], refittable=refittable,
                                        strongly_typed=True if strongly_typed else None,
                                        workspace_mb=workspace_mb, optimization_level=opt_level)
-        for size in (min_size, opt_size, max_size):
-            parse_size(size)
         k = num_buckets if mode == "folded" else 1  # other modes record one bucket for reference
         if bucket_placement == "grid":
             buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
@@ -132,8 +130,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             manifest = export_bundle(model, fp32_out, mode, buckets, opset=opset, slim=not no_slim,
                                      force=force, random_weights=bool(meta.get("random_weights")),
                                      weight_packs=not no_weight_packs,
-                                     profile={k: list(parse_size(v)) for k, v in
-                                              (("min", min_size), ("opt", opt_size), ("max", max_size))},
+                                     profile=profile,
                                      source={"checkpoint": str(checkpoint),
                                              "bucket_placement": bucket_placement},
                                      on_graph=on_graph)

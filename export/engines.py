@@ -7,9 +7,6 @@ TensorRT does not import, ``trtexec_script`` writes the same builds as ``trtexec
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,10 +14,10 @@ from pathlib import Path
 
 from mordasr.errors import MordasrError
 from mordasr.export.tensorrt_config import build_settings, profile_shapes
+from mordasr.runtime.atomic import atomic_write
 from mordasr.runtime.engine_names import TensorRTVersion, engine_file_name
 from mordasr.runtime.manifest import EngineSpec, GraphSpec, Manifest, load_manifest, sha256_file
 
-log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_MB = 4096
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
@@ -118,20 +115,8 @@ def build_engine(trt, bundle_dir: Path, manifest: Manifest, graph: GraphSpec, op
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise MordasrError(f"TensorRT failed to build {graph.file} (see the log above)")
-    _atomic_write(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    atomic_write(timing_cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_engines(bundle_dir: str | Path, options: EngineOptions,
@@ -148,7 +133,7 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions,
         start = time.perf_counter()
         plan = build_engine(trt, bundle_dir, manifest, graph, options, version, timing_cache)
         file = engine_file_name(graph, cc, version)
-        _atomic_write(bundle_dir / file, plan)
+        atomic_write(bundle_dir / file, plan)
         built.append(EngineSpec(graph.key, file, sha256_file(bundle_dir / file), cc, str(version),
                                 graph.precision,
                                 profile_shapes(manifest, graph, options.min_size, options.opt_size,

@@ -8,12 +8,12 @@ uses). Engine names follow ``engine_file_name``, which is how the runtime finds 
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
 from mordasr.export.engines import EngineOptions, engine_graphs
 from mordasr.export.tensorrt_config import build_settings, format_shape, profile_shapes
+from mordasr.runtime.atomic import atomic_write
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import Manifest
 
@@ -105,9 +105,4 @@ def trtexec_script(manifest: Manifest, options: EngineOptions) -> str:
 
 
 def write_trtexec_script(bundle_dir: str | Path, manifest: Manifest, options: EngineOptions) -> Path:
-    path = Path(bundle_dir) / SCRIPT_NAME
-    tmp = path.with_name(f".{SCRIPT_NAME}.tmp")
-    tmp.write_text(trtexec_script(manifest, options))
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(bundle_dir) / SCRIPT_NAME, trtexec_script(manifest, options), mode=0o755)

@@ -8,9 +8,8 @@ a restored file should carry over: the alpha channel, the bit depth, the ICC pro
 
 from __future__ import annotations
 
-import os
+import io
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mordasr.errors import ImageError
+from mordasr.runtime.atomic import atomic_write
 from mordasr.runtime.png16 import encode_png16, is_png16_color, read_png16
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
@@ -29,6 +29,7 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def _to_float_rgb(img: Image.Image) -> np.ndarray:
+    """Colour channels as float32 (H, W, 3) in [0, 1]; transparent modes give straight colour."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         arr = arr / (65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0)
@@ -36,11 +37,13 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
     if img.mode == "F":
         arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         return np.repeat(arr[..., None], 3, axis=-1)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite over white; alpha is not restored by this runtime yet.
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+    if _has_alpha(img):
+        return np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
 @dataclass
@@ -60,31 +63,29 @@ class DecodedImage:
         return self.rgb * a + (1.0 - a)
 
 
-def _alpha_of(img: Image.Image) -> np.ndarray | None:
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        return np.asarray(img.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
-    return None
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file to float32 (H, W, 3) in [0, 1], honouring EXIF orientation.
+
+    Transparent images are composited over white; ``read_image_full`` keeps the alpha instead.
+    """
+    return read_image_full(path, max_pixels).composited()
 
 
 def read_image_full(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode an image file with its alpha, bit depth, ICC profile and EXIF."""
     path = Path(path)
-    holder: dict = {}
-    rgb = read_image(path, max_pixels, _extra=holder)
-    return DecodedImage(rgb if holder["alpha"] is None else holder["straight"], holder["alpha"],
-                        holder["bit_depth"], holder["icc"], holder["exif"], holder["frames"])
-
-
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, _extra: dict | None = None) -> np.ndarray:
-    """Decode an image file to float32 (H, W, 3) in [0, 1], honouring EXIF orientation.
-
-    Transparent images are composited over white; ``read_image_full`` keeps the alpha instead.
-    """
-    path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     if is_png16_color(path):
-        return _read_png16(path, max_pixels, _extra)
+        decoded = _read_png16(path, max_pixels)
+    else:
+        decoded = _read_pillow(path, max_pixels)
+    if not np.isfinite(decoded.rgb).all():
+        raise ImageError(f"{path}: image holds non-finite values")
+    return decoded
+
+
+def _read_pillow(path: Path, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -98,16 +99,13 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, _extra: d
                 img.load()
                 exif = img.getexif()
                 img = ImageOps.exif_transpose(img)
-                array = _to_float_rgb(img)
-                if _extra is not None:
-                    alpha = _alpha_of(img)
-                    _extra.update(alpha=alpha, frames=frames, icc=img.info.get("icc_profile"),
-                                  bit_depth=16 if img.mode.startswith("I;16") or img.mode == "I" else 8)
-                    if alpha is not None:
-                        _extra["straight"] = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
-                    if exif:
-                        exif[0x0112] = 1  # orientation: the pixels are upright now
-                    _extra["exif"] = exif.tobytes() if exif else None
+                alpha = (np.asarray(img.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
+                         if _has_alpha(img) else None)
+                if exif:
+                    exif[0x0112] = 1  # orientation: the pixels are upright now
+                return DecodedImage(_to_float_rgb(img), alpha,
+                                    16 if img.mode.startswith("I;16") or img.mode == "I" else 8,
+                                    img.info.get("icc_profile"), exif.tobytes() if exif else None, frames)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -116,12 +114,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, _extra: d
         raise ImageError(f"{path}: declared size is too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
-    if not np.isfinite(array).all():
-        raise ImageError(f"{path}: image holds non-finite values")
-    return array
 
 
-def _read_png16(path: Path, max_pixels: int, extra: dict | None) -> np.ndarray:
+def _read_png16(path: Path, max_pixels: int) -> DecodedImage:
     with open(path, "rb") as f:
         width, height = struct.unpack(">II", f.read(24)[16:24])
     if width * height > max_pixels:
@@ -131,12 +126,8 @@ def _read_png16(path: Path, max_pixels: int, extra: dict | None) -> np.ndarray:
     except (ValueError, zlib.error, struct.error) as err:
         raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
     values = pixels.astype(np.float32) / 65535.0
-    rgb, alpha = values[..., :3], (values[..., 3] if values.shape[-1] == 4 else None)
-    if extra is not None:
-        extra.update(alpha=alpha, frames=1, icc=icc, bit_depth=16, exif=None, straight=rgb)
-    if alpha is not None:
-        rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
-    return np.ascontiguousarray(rgb)
+    alpha = values[..., 3] if values.shape[-1] == 4 else None
+    return DecodedImage(np.ascontiguousarray(values[..., :3]), alpha, 16, icc, None, 1)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -166,26 +157,20 @@ def write_image(path: str | Path, image: np.ndarray, alpha: np.ndarray | None = 
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if bit_depth == 16 and fmt == "PNG":
-                f.write(encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile))
-            else:
-                options = {}
-                if icc_profile and fmt in ICC_FORMATS:
-                    options["icc_profile"] = icc_profile
-                if exif and fmt in EXIF_FORMATS:
-                    options["exif"] = exif
-                if fmt == "JPEG":
-                    options["quality"] = 95
-                Image.fromarray(to_uint8(channels)).save(f, format=fmt, **options)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if bit_depth == 16 and fmt == "PNG":
+        data = encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile)
+    else:
+        options = {}
+        if icc_profile and fmt in ICC_FORMATS:
+            options["icc_profile"] = icc_profile
+        if exif and fmt in EXIF_FORMATS:
+            options["exif"] = exif
+        if fmt == "JPEG":
+            options["quality"] = 95
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
+        data = buffer.getvalue()
+    return atomic_write(path, data)
 
 
 def upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mordasr.errors import BundleError
+from mordasr.runtime.atomic import atomic_write
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # schema 2 added hybrid/dense-lora modes, weight packs, engines
@@ -137,17 +136,7 @@ class Manifest:
 
     def write(self, bundle_dir: str | Path) -> Path:
         """Write ``manifest.json`` atomically (temp file + rename): a reader never sees half."""
-        path = Path(bundle_dir) / MANIFEST_NAME
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(Path(bundle_dir) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":

@@ -103,19 +103,19 @@ class Restorer:
         x = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
         tile = tile if tile is not None else self.default_tile()
-        s = self.scale
         if tile and max(x.shape[-2:]) > tile:
             out = self._restore_tiled(x, bucket, score_feed, tile, overlap, tile_routing, window)
-            return RestoreResult(np.ascontiguousarray(out[0, :, : height * s, : width * s].transpose(1, 2, 0)),
-                                 scores, None if tile_routing else bucket)
-        # 3. encoder (bicubic upsample inside the graph) -> latent mean
-        z_l = self._run("encoder", bucket, image=x, scores=score_feed)
-        # 4. UNet noise prediction at the fixed timestep
-        eps = self._run("unet", bucket, latent=z_l, scores=score_feed)
-        # 5. one x0 step of the scheduler
-        z_h = (z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
-        # 6. decoder -> image in [0, 1]
-        out = self._run("decoder", None, latent=z_h.astype(np.float32))
+            bucket = None if tile_routing else bucket
+        else:
+            # 3. encoder (bicubic upsample inside the graph) -> latent mean
+            z_l = self._run("encoder", bucket, image=x, scores=score_feed)
+            # 4. UNet noise prediction at the fixed timestep
+            eps = self._run("unet", bucket, latent=z_l, scores=score_feed)
+            # 5. one x0 step of the scheduler
+            z_h = (z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
+            # 6. decoder -> image in [0, 1]
+            out = self._run("decoder", None, latent=z_h.astype(np.float32))
+        s = self.scale
         restored = out[0, :, : height * s, : width * s].transpose(1, 2, 0)
         return RestoreResult(np.ascontiguousarray(restored), scores, bucket)
 

@@ -20,7 +20,7 @@ from mordasr.errors import BundleError, MordasrError
 from mordasr.export.engines import EngineOptions, engine_graphs
 from mordasr.export.lint import check_bundle_graphs, lint_graph_file, lint_model, op_table
 from mordasr.export.tensorrt_config import build_settings, format_shape, parse_size, profile_shapes
-from mordasr.export.trtexec import trtexec_script, write_trtexec_script
+from mordasr.export.trtexec import write_trtexec_script
 from mordasr.runtime import load_manifest
 from mordasr.runtime.backends.onnxruntime import provider_chain
 from mordasr.runtime.engine_names import (LRUCache, TensorRTVersion, compute_capability_tag,

@@ -10,7 +10,6 @@ bucket loaded before.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from mordasr.runtime.engine_names import LRUCache, TensorRTVersion, engine_file_
 from mordasr.runtime.manifest import GraphSpec, Manifest, verify_file
 from mordasr.runtime.weight_packs import load_weight_pack
 
-log = logging.getLogger(__name__)
 
 
 def _import():

@@ -126,6 +126,15 @@ def markdown(results: dict, plots: list[str]) -> str:
                   "| buckets | PSNR vs continuous | PSNR vs HR |", "|---|---|---|"]
         lines += [f"| {r['buckets']} | {_fmt(r['psnr_vs_continuous'])} | {_fmt(r['psnr_vs_hr'])} |"
                   for r in results["bucket_sweep"]]
+    if results.get("bucket_switch"):
+        b = results["bucket_switch"]
+        lines += ["", f"## Bucket switch ({b['bundle']}, {b['backend']}, p50 of {b['runs']} runs)", "",
+                  "| bucket switch | first image ms | bucket fixed ms | buckets alternating ms | switch cost ms |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s} | {_fmt(b[f'{s}_first_ms'])} | {_fmt(b[f'{s}_fixed_p50_ms'])} | "
+                  f"{_fmt(b[f'{s}_alternating_p50_ms'])} | {_fmt(b[f'{s}_switch_ms'])} |" for s in ("graphs", "refit")]
+        lines += ["", f"Refittable vs fixed graphs, latency with the bucket fixed: "
+                      f"{b['refittable_vs_fixed_latency']:.3f}x."]
     if results.get("targets"):
         lines += ["", "## Targets (measured, not asserted)", "", "| target | measured | limit | met |",
                   "|---|---|---|---|"]

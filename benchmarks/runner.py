@@ -248,11 +248,38 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
                                             export_seconds, fidelity))
     progress("latency vs resolution")
     results["resolution"] = _resolution_sweep(cfg, workdir)
+    if "mor-folded" in cfg.variants and cfg.buckets > 1:
+        progress("bucket switch: refit vs one graph set per bucket")
+        results["bucket_switch"] = bucket_switch(workdir / "mor-folded-fp32", timed_lr, cfg)
     if "mor-folded" in cfg.variants or "mor-gated" in cfg.variants:
         progress("bucket sweep")
         results["bucket_sweep"] = bucket_sweep(models["mor"], pairs, cfg.bucket_sweep, cfg.seed)
     results["targets"] = targets(results["variants"])
     return results
+
+
+def bucket_switch(bundle: Path, lr: np.ndarray, cfg: BenchConfig) -> dict:
+    """What switching folded buckets costs: one graph set per bucket (held at once) vs one set
+    refitted from weight packs. Latency with the bucket fixed measures what a refittable graph
+    costs per image (ONNX Runtime runs refit sessions at its EXTENDED level, where its weight
+    overrides apply); alternating buckets measures the switch."""
+    from mordasr.runtime import Restorer
+
+    runs = max(3, cfg.iterations // 2)
+    row: dict = {"backend": cfg.backend, "bundle": bundle.name, "runs": runs}
+    for switch in ("graphs", "refit"):
+        restorer = Restorer(bundle, backend=cfg.backend, bucket_switch=switch)
+        start = time.perf_counter()
+        restorer.restore(lr, bucket=0)
+        row[f"{switch}_first_ms"] = (time.perf_counter() - start) * 1e3  # includes loading bucket 0
+        fixed = time_call(lambda: restorer.restore(lr, bucket=0), runs, 1)
+        turn = iter(range(10**9))
+        alternating = time_call(lambda: restorer.restore(lr, bucket=next(turn) % 2), runs, 0)
+        row[f"{switch}_fixed_p50_ms"] = fixed["p50_ms"]
+        row[f"{switch}_alternating_p50_ms"] = alternating["p50_ms"]
+        row[f"{switch}_switch_ms"] = alternating["p50_ms"] - fixed["p50_ms"]
+    row["refittable_vs_fixed_latency"] = row["refit_fixed_p50_ms"] / row["graphs_fixed_p50_ms"]
+    return row
 
 
 def _torch_cuda_rows(name, model, lr, pairs, references, cfg: BenchConfig, progress) -> list[dict]:

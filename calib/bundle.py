@@ -1,8 +1,11 @@
-"""Make an FP16 or INT8 bundle from an FP32 bundle.
+"""Make an FP16, INT8 or mixed-precision bundle from an FP32 bundle.
 
 The router stays FP32 (bucket choice must not move with precision); the encoder, UNet and
-decoder graphs are converted. INT8 graphs are calibrated on the inputs each graph sees when the
-FP32 bundle runs on calibration images, bucket by bucket for folded bundles.
+decoder graphs are converted, each to its own precision when a device profile or
+``--component-precision`` says so (e.g. UNet INT8, decoder FP16). INT8 graphs are calibrated on
+the inputs each graph sees when the FP32 bundle runs on calibration images, bucket by bucket for
+folded bundles. Components named in ``fp32_fallback`` also keep their FP32 graph (``fp32/``), which
+the runtime reruns when the reduced-precision output is not finite (FP16 VAEs overflow).
 """
 
 from __future__ import annotations
@@ -30,6 +33,39 @@ from mordasr.runtime.pipeline import Restorer
 log = logging.getLogger(__name__)
 
 CONVERTED = ("encoder", "unet", "decoder")
+FALLBACK_DIR = "fp32"
+REDUCED = ("fp16", "int8")
+
+
+def component_precisions(precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Precision per converted component: ``precision`` unless ``overrides`` names another."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(CONVERTED))
+    if unknown:
+        hint = " (the router always stays fp32)" if unknown == ["router"] else ""
+        raise MordasrError(f"unknown component {unknown[0]!r} in the precision map; "
+                           f"choose from {', '.join(CONVERTED)}{hint}")
+    chosen = {c: overrides.get(c, precision) for c in CONVERTED}
+    bad = [p for p in chosen.values() if p not in ("fp32",) + REDUCED]
+    if bad:
+        raise MordasrError(f"unknown precision {bad[0]!r}; choose fp32, fp16 or int8")
+    return chosen
+
+
+def parse_precision_map(text: str | None) -> dict[str, str]:
+    """``"unet=int8,decoder=fp32"`` -> ``{"unet": "int8", "decoder": "fp32"}``."""
+    result = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        component, sep, precision = item.partition("=")
+        if not sep:
+            raise MordasrError(f"bad precision map entry {item!r}: expected COMPONENT=PRECISION")
+        result[component.strip()] = precision.strip()
+    return result
+
+
+def bundle_precision(precisions: dict[str, str]) -> str:
+    used = set(precisions.values())
+    return used.pop() if len(used) == 1 else "mixed"
 
 
 def load_fp32_manifest(bundle: str | Path) -> Manifest:
@@ -67,34 +103,53 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
                            images: list[np.ndarray] | None = None, per_bucket: int = 16,
                            method: str = "minmax", smoothquant: bool = False,
                            keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT, source: str = "synthetic",
-                           seed: int = 0, on_graph: Callable[[str], None] | None = None) -> Manifest:
-    """Write the ``precision`` version of the FP32 bundle ``src`` into the empty folder ``dst``."""
+                           seed: int = 0, on_graph: Callable[[str], None] | None = None,
+                           components: dict[str, str] | None = None,
+                           fp32_fallback: Iterable[str] = ()) -> Manifest:
+    """Write the ``precision`` version of the FP32 bundle ``src`` into the empty folder ``dst``.
+
+    ``components`` overrides the precision per component; ``fp32_fallback`` names components whose
+    FP32 graphs ship too, for the runtime's non-finite guard.
+    """
     src, dst = Path(src), Path(dst)
     manifest = load_fp32_manifest(src)
-    if precision not in ("fp16", "int8"):
+    if precision not in REDUCED:
         raise MordasrError(f"unknown precision {precision!r}; choose fp16 or int8")
+    chosen = component_precisions(precision, components)
+    fp32_fallback = tuple(fp32_fallback)
+    unknown = [c for c in fp32_fallback if c not in CONVERTED]
+    if unknown:
+        raise MordasrError(f"cannot keep an FP32 fallback for {unknown[0]!r}; choose from {', '.join(CONVERTED)}")
     keep_float = tuple(keep_float)
-    calibration: dict = {"precision": precision}
+    calibration: dict = {"precision": bundle_precision(chosen), "components": chosen,
+                         "fp32_fallback": [c for c in fp32_fallback if chosen[c] != "fp32"]}
     feeds = {}
-    if precision == "int8":
+    if "int8" in chosen.values():
         if not images:
             raise MordasrError("INT8 needs calibration images (--calib-images must be at least 1)")
         feeds, split = collect_feeds(src, images, per_bucket)
         calibration.update({"method": method, "smoothquant": smoothquant, "images": len(images),
                             "per_bucket": {str(b): idx for b, idx in split.items()},
                             "source": source, "seed": seed, "keep_float": list(keep_float)})
-    else:
+    if "fp16" in chosen.values():
         from mordasr.calib.fp16 import FP32_OPS
 
         calibration.update({"fp32_ops": list(FP32_OPS), "io_types": "kept"})
-    graphs = []
+    graphs, fallbacks = [], []
     for g in manifest.graphs:
-        if g.component not in CONVERTED:
+        target = chosen.get(g.component, "fp32")
+        if target == "fp32":
             for file in filter(None, (g.file, g.external_data)):
                 shutil.copy2(src / file, dst / file)
             graphs.append(g)
             continue
-        if precision == "fp16":
+        if g.component in fp32_fallback:
+            (dst / FALLBACK_DIR).mkdir(exist_ok=True)
+            for file in filter(None, (g.file, g.external_data)):
+                shutil.copy2(src / file, dst / FALLBACK_DIR / file)
+            fallbacks.append(replace(g, file=f"{FALLBACK_DIR}/{g.file}", fallback=True,
+                                     external_data=g.external_data and f"{FALLBACK_DIR}/{g.external_data}"))
+        if target == "fp16":
             converted = convert_fp16(onnx.load(str(src / g.file)))
             onnx.checker.check_model(converted, full_check=True)
             onnx.save(converted, str(dst / g.file))
@@ -105,7 +160,7 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
             if problems:
                 raise MordasrError(f"{g.file}: Q/DQ lint failed ({len(problems)} problems), first: {problems[0]}")
         # Converted graphs are saved whole: FP16/INT8 halve (or quarter) the weights.
-        graphs.append(replace(g, sha256=sha256_file(dst / g.file), precision=precision,
+        graphs.append(replace(g, sha256=sha256_file(dst / g.file), precision=target,
                               external_data=None, external_sha256=None))
         if on_graph:
             on_graph(g.file)
@@ -114,7 +169,7 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
         check_bundle_graphs(dst, [g.file for g in graphs], lint)
     # Packs hold the converted tensors (FP16 weights; INT8 weights and per-bucket scales).
     packs = write_weight_packs(dst, graphs) if manifest.weight_packs else []
-    new = replace(manifest, precision=precision, graphs=graphs, calibration=calibration,
+    new = replace(manifest, precision=bundle_precision(chosen), graphs=graphs + fallbacks, calibration=calibration,
                   weight_packs=packs, engines=[], source=dict(manifest.source, fp32_bundle=str(src)))
     new.write(dst)
     return new

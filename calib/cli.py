@@ -25,7 +25,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | None, calib_images: int,
               calib_dir: Path | None, method: str, smoothquant: bool, keep_float: tuple[str, ...],
-              min_psnr: float | None, eval_images: int, seed: int, force: bool, quiet: bool) -> list[dict]:
+              min_psnr: float | None, eval_images: int, seed: int, force: bool, quiet: bool,
+              components: dict[str, str] | None = None, fp32_fallback: tuple[str, ...] = ()) -> list[dict]:
     """Build, evaluate and (if it passes) place the bundle at ``out``; return the report rows.
 
     A bundle that fails ``min_psnr`` (or produces non-finite images) is moved to ``OUT.failed``
@@ -33,7 +34,8 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     """
     from tqdm import tqdm
 
-    from mordasr.calib.bundle import build_precision_bundle, load_fp32_manifest
+    from mordasr.calib.bundle import (build_precision_bundle, bundle_precision, component_precisions,
+                                      load_fp32_manifest)
     from mordasr.calib.data import folder_images, synthetic_images
     from mordasr.calib.report import accuracy_report, failing_rows, format_table, write_report
     from mordasr.model.io import load_checkpoint
@@ -43,6 +45,8 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     if calib_images < 1:
         raise MordasrError("--calib-images must be at least 1")
     manifest = load_fp32_manifest(bundle)
+    chosen = component_precisions(precision, components)
+    label = bundle_precision(chosen)
     checkpoint = checkpoint or Path(manifest.source.get("checkpoint", ""))
     if not checkpoint or not (checkpoint / "config.json").is_file():
         raise MordasrError("the FP32 PyTorch reference is needed for the accuracy report: pass --checkpoint "
@@ -52,7 +56,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
         raise MordasrError(f"{checkpoint} is a {model.config.preset}/{model.config.adapter.kind} checkpoint, "
                            f"the bundle is {manifest.preset}/{manifest.adapter}")
     images, source = None, "synthetic"
-    if precision == "int8":
+    if "int8" in chosen.values():
         if calib_dir is not None:
             images, source = folder_images(calib_dir, calib_images, seed), str(calib_dir)
         else:
@@ -63,29 +67,31 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        converted = sum(g.component != "router" for g in manifest.graphs)
-        with tqdm(total=converted, desc=precision, unit="graph", disable=quiet, file=sys.stderr) as bar:
+        converted = sum(chosen.get(g.component, "fp32") != "fp32" for g in manifest.graphs)
+        with tqdm(total=converted, desc=label, unit="graph", disable=quiet, file=sys.stderr) as bar:
             build_precision_bundle(bundle, stage, precision, images=images, per_bucket=per_bucket,
                                    method=method, smoothquant=smoothquant, keep_float=keep_float,
-                                   source=source, seed=seed, on_graph=lambda _: bar.update(1))
-        rows = accuracy_report(model, {"fp32": bundle, precision: stage}, eval_images)
+                                   source=source, seed=seed, on_graph=lambda _: bar.update(1),
+                                   components=chosen, fp32_fallback=fp32_fallback)
+        rows = accuracy_report(model, {"fp32": bundle, label: stage}, eval_images)
         notes = [f"FP32 reference: PyTorch checkpoint {checkpoint}",
                  f"evaluation: {eval_images} degraded crops of held-out photographs per bucket "
                  "(folded bundles force every image through each bucket)",
-                 "router graph stays FP32 in every precision"]
+                 "router graph stays FP32 in every precision",
+                 "components: " + ", ".join(f"{c} {p}" for c, p in chosen.items())]
         if min_psnr is not None:
             notes.append(f"threshold: PSNR vs FP32 >= {min_psnr} dB")
-        write_report(rows, stage, f"Accuracy of the {precision} {manifest.mode} bundle", notes)
+        write_report(rows, stage, f"Accuracy of the {label} {manifest.mode} bundle", notes)
         if not quiet:
             click.echo(format_table(rows))
-        bad = failing_rows(rows, min_psnr, precision)
+        bad = failing_rows(rows, min_psnr, label)
         stage.chmod(0o755)
         if bad:
             failed = out.with_name(out.name + ".failed")
             shutil.rmtree(failed, ignore_errors=True)
             stage.rename(failed)
             worst = min(bad, key=lambda r: r["psnr_vs_fp32_torch"])
-            raise MordasrError(f"{precision} bundle failed the accuracy check (bucket {worst['label']}: "
+            raise MordasrError(f"{label} bundle failed the accuracy check (bucket {worst['label']}: "
                                f"{worst['psnr_vs_fp32_torch']:.2f} dB vs FP32); kept at {failed}, not at {out}")
         if out.exists():
             shutil.rmtree(out)
@@ -101,6 +107,12 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True,
               help="fp16: FP16 graphs, float32 I/O, norms/softmax kept FP32. int8: explicit Q/DQ "
                    "(symmetric, per-channel weights, per-tensor activations, float bias).")
+@click.option("--component-precision", default=None, metavar="C=P,...",
+              help="Per-component precision overriding --precision, e.g. unet=int8,decoder=fp32 "
+                   "(components: encoder, unet, decoder; the router stays fp32).")
+@click.option("--fp32-fallback", multiple=True, type=click.Choice(["encoder", "unet", "decoder"]),
+              help="Also ship this component's FP32 graph; mordasr-run reruns it when the reduced-"
+                   "precision output is NaN/inf (repeat the option; FP16 VAE decoders need it most).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="PyTorch checkpoint the bundle came from (FP32 reference) [default: the one "
                    "recorded in the bundle's manifest].")
@@ -122,7 +134,8 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (calibration is deterministic).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @click.option("-q", "--quiet", is_flag=True)
-def main(bundle: Path, out: Path, precision: str, checkpoint: Path | None, calib_images: int,
+def main(bundle: Path, out: Path, precision: str, component_precision: str | None,
+         fp32_fallback: tuple[str, ...], checkpoint: Path | None, calib_images: int,
          calib_dir: Path | None, calib_method: str, smoothquant: bool, keep_float: tuple[str, ...],
          min_psnr: float | None, eval_images: int, seed: int, force: bool, quiet: bool) -> None:
     """Convert the FP32 BUNDLE (from mordasr-export) to FP16 or INT8 and report its accuracy.
@@ -131,11 +144,14 @@ def main(bundle: Path, out: Path, precision: str, checkpoint: Path | None, calib
     and SSIM against the FP32 PyTorch output and against the HR image, cosine similarity of the
     UNet output, and the max abs error.
     """
+    from mordasr.calib.bundle import parse_precision_map
+
     logging.basicConfig(level=logging.ERROR)
     try:
         calibrate(bundle, out, precision, checkpoint=checkpoint, calib_images=calib_images, calib_dir=calib_dir,
                   method=calib_method, smoothquant=smoothquant, keep_float=keep_float, min_psnr=min_psnr,
-                  eval_images=eval_images, seed=seed, force=force, quiet=quiet)
+                  eval_images=eval_images, seed=seed, force=force, quiet=quiet,
+                  components=parse_precision_map(component_precision), fp32_fallback=fp32_fallback)
     except (MordasrError, ValueError) as err:
         _fail(str(err), 1 if "failed the accuracy check" in str(err) else 2)
     if not quiet:

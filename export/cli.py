@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -38,21 +40,34 @@ def _fail(message: str) -> None:
 @click.option("--no-weight-packs", is_flag=True,
               help="Folded mode: skip the per-bucket weight packs (packs/*.safetensors) that let one "
                    "refittable engine switch buckets.")
+@click.option("--device", default=None, metavar="NAME|FILE",
+              help="Device profile to export for: orin-nano-8gb, orin-nx-16gb, agx-orin-64gb, thor, "
+                   "desktop-24gb, desktop-80gb, a name from $MORDASR_DEVICE_PROFILES, or a .json file. "
+                   "It sets the engine sizes, builder memory caps, per-component precision, FP32 "
+                   "fallbacks and the modes to try; the export is refused when the bundle's memory "
+                   "estimate exceeds the device's budget. Options given here override it.")
 @click.option("--min-size", default=None,
               help="Engine profile: smallest output, N or WxH pixels (converted to latent shapes) "
-                   "[default: 128 for tiny, 256 for sd21].")
+                   "[default: the device's, else 128 for tiny, 256 for sd21].")
 @click.option("--opt-size", default=None,
-              help="Engine profile: output size to tune for [default: 256 for tiny, 512 for sd21].")
+              help="Engine profile: output size to tune for [default: the device's, else 256 for "
+                   "tiny, 512 for sd21].")
 @click.option("--max-size", default=None,
-              help="Engine profile: largest output; mordasr-run tiles larger images [default: 512 "
-                   "for tiny, 1024 for sd21].")
+              help="Engine profile: largest output; mordasr-run tiles larger images, and the memory "
+                   "estimate is taken here [default: the device's, else 512 for tiny, 1024 for sd21].")
+@click.option("--component-precision", default=None, metavar="C=P,...",
+              help="Per-component precision, e.g. unet=int8,decoder=fp32 (encoder, unet, decoder; the "
+                   "router stays fp32); overrides --fp16/--int8 and the device profile.")
+@click.option("--fp32-fallback", multiple=True, type=click.Choice(["encoder", "unet", "decoder"]),
+              help="Ship this component's FP32 graph too; mordasr-run reruns it when the reduced-precision "
+                   "output is NaN/inf (repeatable) [default: the device's list].")
 @click.option("--refittable", is_flag=True,
               help="Engines: build refittable engines; a folded bundle then builds bucket 0 only "
                    "and switches buckets by refit from its weight packs.")
-@click.option("--workspace-mb", type=click.IntRange(min=16), default=4096, show_default=True,
-              help="Engines: builder workspace limit in MiB (lower it on 8 GB Jetsons).")
-@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
-              help="Engines: TensorRT builder optimization level.")
+@click.option("--workspace-mb", type=click.IntRange(min=16), default=None,
+              help="Engines: builder workspace limit in MiB [default: the device's, else 4096].")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None,
+              help="Engines: TensorRT builder optimization level [default: the device's, else 3].")
 @click.option("--strongly-typed", is_flag=True,
               help="Engines on TensorRT 10: strongly typed network instead of FP16/INT8 builder "
                    "flags (TensorRT 11 is always strongly typed).")
@@ -74,8 +89,9 @@ def _fail(message: str) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket_placement: str,
-         calib_samples: int, no_weight_packs: bool, min_size: str, opt_size: str, max_size: str,
-         refittable: bool, workspace_mb: int, opt_level: int, strongly_typed: bool, build_now: bool,
+         calib_samples: int, no_weight_packs: bool, device: str | None, min_size: str, opt_size: str,
+         max_size: str, component_precision: str | None, fp32_fallback: tuple[str, ...], refittable: bool,
+         workspace_mb: int | None, opt_level: int | None, strongly_typed: bool, build_now: bool,
          opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
          force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
@@ -85,79 +101,122 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     Each graph is constant-folded, slimmed, checked by onnx.checker with shape inference, and
     linted against the ONNX operators TensorRT 10 and 11 parse. Every bundle also gets
     build_engines.sh (trtexec lines for the target device); --engines builds here when TensorRT
-    imports.
+    imports. The memory the bundle needs at --max-size (weights, activations per graph) is
+    printed and kept in the manifest; with --device it must fit the device's budget.
     """
     logging.basicConfig(level=logging.WARNING)
-    fp32_out = out.with_name(out.name + "-fp32") if precision else out
-    for path in {out, fp32_out}:
-        if path.exists() and not force:
-            _fail(f"{path} already exists (pass --force to replace it)")
     from tqdm import tqdm
 
+    from mordasr.calib.bundle import parse_precision_map
     from mordasr.export.buckets import default_buckets, grid_buckets
-    from mordasr.export.bundle import check_mode, default_mode, default_profile, export_bundle
+    from mordasr.export.bundle import MODES_BY_ADAPTER, check_mode, default_profile, export_bundle
+    from mordasr.export.device_plan import device_record, fit_to_device, make_plan
     from mordasr.export.engines import EngineOptions, build_engines
     from mordasr.export.tensorrt_config import parse_size
     from mordasr.export.trtexec import write_trtexec_script
     from mordasr.model.io import load_checkpoint
+    from mordasr.runtime.devices import load_device_profile
     from mordasr.runtime.manifest import load_manifest
 
+    written: list[Path] = []
     try:
+        profile = load_device_profile(device) if device else None
         model, meta = load_checkpoint(checkpoint, add_adapters=False)
         if not model.has_adapters:
             _fail(f"{checkpoint} is a base checkpoint without adapters; train adapters first "
                   "(mordasr-train adapters)")
-        mode = mode or default_mode(model.config.adapter.kind)
-        check_mode(model.config.adapter.kind, mode)
-        preset_profile = default_profile(model.config.preset)
-        given = {"min": min_size, "opt": opt_size, "max": max_size}
-        profile = {k: list(parse_size(v)) if v else preset_profile[k] for k, v in given.items()}
-        sizes = {k: f"{w}x{h}" for k, (h, w) in profile.items()}
+        kind = model.config.adapter.kind
+        if mode:
+            check_mode(kind, mode)
+        plan = make_plan(default_profile(model.config.preset), MODES_BY_ADAPTER[kind], device=profile,
+                         sizes={k: parse_size(v) if v else None
+                                for k, v in (("min", min_size), ("opt", opt_size), ("max", max_size))},
+                         workspace_mb=workspace_mb, optimization_level=opt_level, precision=precision,
+                         component_precision=parse_precision_map(component_precision),
+                         fp32_fallback=fp32_fallback or None, mode=mode)
+        headline = plan.headline_precision
+        fp32_out = out.with_name(out.name + "-fp32") if headline else out
+        for path in {out, fp32_out}:
+            if path.exists() and not force:
+                _fail(f"{path} already exists (pass --force to replace it)")
+        sizes = {k: f"{w}x{h}" for k, (h, w) in plan.sizes.items()}
         engine_options = EngineOptions(sizes["min"], sizes["opt"], sizes["max"], refittable=refittable,
                                        strongly_typed=True if strongly_typed else None,
-                                       workspace_mb=workspace_mb, optimization_level=opt_level)
-        k = num_buckets if mode == "folded" else 1  # other modes record one bucket for reference
-        if bucket_placement == "grid":
-            buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
-        else:
-            buckets = default_buckets(model, k, calib_samples, seed)
-        total = 2 + 2 * len(buckets) if mode == "folded" else 4
-        with tqdm(total=total, desc="export", unit="graph", disable=quiet, file=sys.stderr) as bar:
-            def on_graph(name: str) -> None:
-                bar.set_postfix_str(name)
-                bar.update(1)
+                                       workspace_mb=plan.workspace_mb, optimization_level=plan.optimization_level,
+                                       tactic_dram_mb=plan.tactic_dram_mb)
+        for note in plan.notes:
+            click.echo(f"note: {note}", err=True)
+        for attempt, candidate in enumerate(plan.modes):
+            k = num_buckets if candidate == "folded" else 1  # other modes record one bucket for reference
+            if bucket_placement == "grid":
+                buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
+            else:
+                buckets = default_buckets(model, k, calib_samples, seed)
+            total = 2 + 2 * len(buckets) if candidate == "folded" else 4
+            with tqdm(total=total, desc=f"export {candidate}", unit="graph", disable=quiet, file=sys.stderr) as bar:
+                def on_graph(name: str) -> None:
+                    bar.set_postfix_str(name)
+                    bar.update(1)
 
-            manifest = export_bundle(model, fp32_out, mode, buckets, opset=opset, slim=not no_slim,
-                                     force=force, random_weights=bool(meta.get("random_weights")),
-                                     weight_packs=not no_weight_packs,
-                                     profile=profile,
-                                     source={"checkpoint": str(checkpoint),
-                                             "bucket_placement": bucket_placement},
-                                     on_graph=on_graph)
-        if precision:
-            from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
+                manifest = export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim,
+                                         force=True, random_weights=bool(meta.get("random_weights")),
+                                         weight_packs=not no_weight_packs, profile=plan.sizes,
+                                         source={"checkpoint": str(checkpoint),
+                                                 "bucket_placement": bucket_placement},
+                                         on_graph=on_graph)
+            written = [fp32_out]
+            if headline:
+                from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
 
-            calibrate(fp32_out, out, precision, checkpoint=checkpoint, calib_images=DEFAULT_CALIB_IMAGES,
-                      calib_dir=None, method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT,
-                      min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=force, quiet=quiet)
-        written = [fp32_out] + ([out] if precision else [])
+                calibrate(fp32_out, out, headline, checkpoint=checkpoint, calib_images=DEFAULT_CALIB_IMAGES,
+                          calib_dir=None, method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT,
+                          min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=True,
+                          quiet=quiet, components=plan.precisions, fp32_fallback=plan.fp32_fallback)
+                written.append(out)
+            try:
+                estimate, switch = fit_to_device(out, load_manifest(out), plan)
+                break
+            except MordasrError as err:
+                if attempt + 1 == len(plan.modes):
+                    raise
+                click.echo(f"note: {candidate} does not fit {profile.name}: {err}; trying {plan.modes[attempt + 1]}",
+                           err=True)
+                _remove(written)
+                written = []
         for path in written:
+            bundle_manifest = load_manifest(path)
+            path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
+            replace(bundle_manifest, device=device_record(plan, switch), memory=path_estimate.to_dict()).write(path)
             write_trtexec_script(path, load_manifest(path), engine_options)
+        written = []  # complete bundles from here on: an engine build failure keeps them
         if build_now:
-            for path in written:
+            for path in [fp32_out] + ([out] if headline else []):
                 for engine in build_engines(path, engine_options):
                     if not quiet:
                         click.echo(f"built {path / engine.file} ({engine.build_seconds:.1f} s)")
     except (MordasrError, ValueError) as err:
+        _remove(written)
         _fail(str(err))
     if not quiet:
-        if precision:
-            click.echo(f"wrote {out} ({precision}, accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
+        final = load_manifest(out)
+        if headline:
+            click.echo(f"wrote {out} ({final.precision}: " + ", ".join(f"{c} {p}" for c, p in plan.precisions.items())
+                       + f"; accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
         click.echo(f"wrote {fp32_out}: {manifest.mode} {manifest.adapter} bundle, "
                    f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s), "
                    f"{len(manifest.weight_packs)} weight packs, build_engines.sh")
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
+        click.echo(estimate.table())
+        if profile is not None:
+            click.echo(f"device {profile.name}: budget {profile.budget_bytes / 2**20:.0f} MiB "
+                       f"({profile.memory_budget:.0%} of {profile.memory_gib:g} GiB); bucket switch {switch}")
+
+
+def _remove(paths: list[Path]) -> None:
+    """A refused or failed export leaves no bundle behind that the runtime would pick up."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class EngineOptions:
     strongly_typed: bool | None = None
     workspace_mb: int = DEFAULT_WORKSPACE_MB
     optimization_level: int = DEFAULT_OPT_LEVEL
+    tactic_dram_mb: int | None = None  # cap on builder tactic memory (unified memory on Jetson)
 
 
 def engine_graphs(manifest: Manifest, refittable: bool) -> list[GraphSpec]:
@@ -44,7 +45,7 @@ def engine_graphs(manifest: Manifest, refittable: bool) -> list[GraphSpec]:
     encoder and UNet only: the other buckets are reached by refitting those engines."""
     graphs = []
     for g in manifest.graphs:
-        if (refittable and g.bucket not in (None, 0)
+        if (refittable and not g.fallback and g.bucket not in (None, 0)
                 and manifest.weight_pack(g.component, g.bucket) is not None):
             continue
         graphs.append(g)
@@ -98,6 +99,10 @@ def build_engine(trt, bundle_dir: Path, manifest: Manifest, graph: GraphSpec, op
         raise MordasrError(f"TensorRT cannot parse {graph.file}: {errors[0] if errors else 'unknown error'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    if options.tactic_dram_mb:
+        # On a Jetson the builder's tactic memory comes out of the same RAM the OS runs in: an
+        # uncapped build runs out of memory for an engine that would fit (NVIDIA/TensorRT#3355).
+        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_DRAM, options.tactic_dram_mb << 20)
     config.builder_optimization_level = options.optimization_level
     for name in settings.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))

@@ -51,6 +51,15 @@ def op_table(major: int) -> dict:
     return json.loads(text)
 
 
+# Inputs that set an output's shape (op -> input positions). Where one depends on tensor values
+# rather than on shapes and constants, the engine's shapes are only known at run time.
+SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
+                "Range": (0, 1, 2), "Slice": (1, 2, 3, 4), "Resize": (2, 3), "Pad": (1,),
+                "Upsample": (1,), "OneHot": (1,), "Squeeze": (1,), "Unsqueeze": (1,)}
+# Ops whose output is a shape (or a count) of their input, never its values.
+SHAPE_SOURCES = {"Shape", "Size"}
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit())
 
@@ -59,6 +68,17 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     names = {i.name for i in model.graph.initializer}
     names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return names
+
+
+def _value_dependent(model: onnx.ModelProto) -> set[str]:
+    """Tensors whose values depend on the graph inputs' values, not only on their shapes."""
+    dependent = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # exported graphs are topologically sorted
+        if node.op_type in SHAPE_SOURCES:
+            continue
+        if any(i in dependent for i in node.input if i):
+            dependent.update(o for o in node.output if o)
+    return dependent
 
 
 def lint_model(model: onnx.ModelProto, graph: str, tensorrt_version: str = "10") -> list[LintIssue]:
@@ -73,6 +93,7 @@ def lint_model(model: onnx.ModelProto, graph: str, tensorrt_version: str = "10")
         issues.append(LintIssue(graph, "", "opset", f"opset {opset} is outside TensorRT "
                                 f"{version[0]}'s range {low}..{high}; re-export with --opset"))
     constants = _constants(model)
+    value_dependent = _value_dependent(model)
     for node in model.graph.node:
         op = node.op_type
         where = (graph, node.name, op)
@@ -94,6 +115,12 @@ def lint_model(model: onnx.ModelProto, graph: str, tensorrt_version: str = "10")
                 issues.append(LintIssue(*where, f"Resize mode {mode!r} is not supported (nearest, linear)"))
         if op == "TopK" and (len(node.input) < 2 or node.input[1] not in constants):
             issues.append(LintIssue(*where, "k is not a build-time constant"))
+            continue
+        shaped_by = [node.input[i] for i in SHAPE_INPUTS.get(op, ()) if i < len(node.input) and node.input[i]]
+        data_shaped = [name for name in shaped_by if name in value_dependent]
+        if data_shaped:
+            issues.append(LintIssue(*where, f"data-dependent shape: input {data_shaped[0]!r} comes from "
+                                            "tensor values, not from shapes or constants"))
     return issues
 
 

@@ -40,6 +40,9 @@ mordasr-run = "mordasr.runtime.cli:main"
 
 [tool.setuptools]
 packages = ["mordasr", "mordasr.runtime", "mordasr.runtime.backends"]
+
+[tool.setuptools.package-data]
+"mordasr.runtime" = ["device_profiles/*.json"]
 """
 
 

@@ -67,11 +67,13 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
                    "TensorRT execution provider (onnxruntime-gpu; ort-trt caches engines in the "
                    "bundle's ort-trt-cache/); tensorrt: the bundle's TensorRT engines (build them "
                    "with build_engines.sh).")
-@click.option("--bucket-switch", type=click.Choice(["graphs", "refit"]), default="graphs", show_default=True,
+@click.option("--bucket-switch", type=click.Choice(["graphs", "refit"]), default=None,
               help="Folded bundles: graphs keeps one graph/engine per bucket; refit keeps bucket 0's "
-                   "and writes the chosen bucket's weight pack into it (less memory, slower switch).")
-@click.option("--max-engines", type=click.IntRange(min=1), default=8, show_default=True,
-              help="tensorrt: engines held loaded at once (least recently used ones are freed).")
+                   "and writes the chosen bucket's weight pack into it (less memory, slower switch) "
+                   "[default: what the bundle's device profile chose, else graphs].")
+@click.option("--max-engines", type=click.IntRange(min=1), default=None,
+              help="tensorrt: engines held loaded at once (least recently used ones are freed) "
+                   "[default: the bundle's device profile, else 8].")
 @click.option("--compare-backends", default=None, metavar="A,B",
               help="Instead of writing outputs, run INPUT on two backends (e.g. onnxruntime,tensorrt or "
                    "onnxruntime,onnxruntime:refit) and print max/mean abs difference per graph.")
@@ -101,8 +103,8 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
 @click.option("--skip-existing", is_flag=True, help="Skip inputs whose output file already exists.")
 @click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
-def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str,
-         max_engines: int, compare_backends: str | None, threads: int | None, fmt: str | None,
+def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str | None,
+         max_engines: int | None, compare_backends: str | None, threads: int | None, fmt: str | None,
          max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
          color_fix: str, bit_depth: str, no_alpha: bool, skip_existing: bool, dry_run: bool,
          quiet: bool) -> None:
@@ -155,6 +157,9 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
         restorer = Restorer(bundle, backend=backend, **options)
     except MordasrError as err:
         _fail(str(err))
+    if not quiet:
+        for warning in restorer.device_warnings():
+            click.echo(f"mordasr-run: warning: {warning}", err=True)
 
     failures: list[tuple[Path, str]] = []
     progress = None

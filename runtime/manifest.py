@@ -24,7 +24,7 @@ MANIFEST_NAME = "manifest.json"
 # hybrid: shared ranks merged, routed ranks gated; dense-lora: the merged LoRA baseline.
 MODES = ("folded", "gated", "hybrid", "dense-lora")
 SCORE_FED_MODES = ("gated", "hybrid")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # mixed: components differ (graphs say which)
 COMPONENTS = ("router", "encoder", "unet", "decoder")
 
 
@@ -46,10 +46,12 @@ class GraphSpec:
     precision: str = "fp32"  # arithmetic inside the graph; I/O dtypes are in inputs/outputs
     external_data: str | None = None  # weights file next to graphs past protobuf's 2 GB limit
     external_sha256: str | None = None
+    fallback: bool = False  # the FP32 graph rerun when the reduced-precision one is not finite
 
     @property
     def key(self) -> str:
-        return self.component if self.bucket is None else f"{self.component}.b{self.bucket}"
+        key = self.component if self.bucket is None else f"{self.component}.b{self.bucket}"
+        return f"{key}.fallback" if self.fallback else key
 
 
 @dataclass
@@ -109,16 +111,43 @@ class Manifest:
     engines: list[EngineSpec] = field(default_factory=list)
     latent_downsample: int = 8  # image pixels per latent pixel (for shape profiles)
     profile: dict[str, list[int]] = field(default_factory=dict)  # output [h, w] px: min/opt/max
+    device: dict[str, Any] = field(default_factory=dict)  # the device profile exported for, if any
+    memory: dict[str, Any] = field(default_factory=dict)  # the exporter's memory estimate at max size
     schema_version: int = SCHEMA_VERSION
     mordasr_version: str = ""
 
     def graph(self, component: str, bucket: int | None = None) -> GraphSpec:
         want_bucket = bucket if self.mode == "folded" and component in ("encoder", "unet") else None
         for g in self.graphs:
-            if g.component == component and g.bucket == want_bucket:
+            if g.component == component and g.bucket == want_bucket and not g.fallback:
                 return g
         raise BundleError(f"bundle has no {component} graph"
                           + (f" for bucket {bucket}" if want_bucket is not None else ""))
+
+    def fallback_graph(self, graph: GraphSpec) -> GraphSpec | None:
+        """The FP32 graph kept for ``graph``'s component and bucket, if the bundle ships one."""
+        for g in self.graphs:
+            if g.fallback and g.component == graph.component and g.bucket == graph.bucket:
+                return g
+        return None
+
+    @property
+    def primary_graphs(self) -> list[GraphSpec]:
+        return [g for g in self.graphs if not g.fallback]
+
+    def component_precision(self, component: str) -> str:
+        return next((g.precision for g in self.primary_graphs if g.component == component), self.precision)
+
+    def uses_precision(self, precision: str) -> bool:
+        return any(g.precision == precision for g in self.primary_graphs)
+
+    def content_hash(self) -> str:
+        """sha256 of what the bundle computes (graphs, packs, buckets, scheduler), not of the engines
+        built from it: the engine cache key."""
+        data = self.to_dict()
+        for volatile in ("engines", "memory", "source", "mordasr_version"):
+            data.pop(volatile, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @property
     def feeds_scores(self) -> bool:

@@ -1,6 +1,8 @@
 """Restorer: image -> router -> bucket or gates -> encoder -> UNet -> x0 step -> decoder -> image.
 
 Images larger than the bundle's profile run the same steps over overlapping, blended tiles.
+A graph whose output is not finite (an FP16 VAE overflowing) is rerun in its FP32 graph when the
+bundle ships one; otherwise the restore fails: a NaN or black image is never returned silently.
 
 Everything a bundle needs to know about its graphs comes from its manifest; this module only
 moves numpy arrays between them in the order of the MoR-DASR data path.
@@ -8,18 +10,26 @@ moves numpy arrays between them in the order of the MoR-DASR data path.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mordasr.errors import ImageError
+from mordasr.errors import ImageError, MordasrError
 from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket
 from mordasr.runtime.tiling import tiled_apply
+
+log = logging.getLogger("mordasr.runtime")
+
+
+class NonFiniteOutput(MordasrError):
+    """A graph produced NaN/inf and no FP32 graph could replace it."""
 
 
 @dataclass
@@ -39,11 +49,26 @@ class Restorer:
         self.bundle_dir = Path(bundle_dir)
         self.tap = tap
         self.manifest = load_manifest(self.bundle_dir)
+        # Unset switches follow the device profile the bundle was exported for.
+        device = self.manifest.device
+        if backend_options.get("bucket_switch") is None:
+            backend_options["bucket_switch"] = device.get("bucket_switch", "graphs")
+        if backend == "tensorrt" and backend_options.get("max_engines") is None:
+            backend_options["max_engines"] = device.get("max_engines") or 8
         self.backend = create_backend(backend, self.manifest, self.bundle_dir, **backend_options)
         self.centres = np.array([b.centre for b in self.manifest.buckets], dtype=np.float32)
         sched = self.manifest.scheduler
         self.sqrt_alpha = np.float32(sched["sqrt_alpha_prod"])
         self.sqrt_one_minus_alpha = np.float32(sched["sqrt_one_minus_alpha_prod"])
+        self.fallbacks: Counter[str] = Counter()  # graph key -> times rerun in FP32
+
+    def device_warnings(self) -> list[str]:
+        """How this machine differs from the device profile the bundle was exported for."""
+        if not self.manifest.device:
+            return []
+        from mordasr.runtime.devices import detect_host, device_warnings
+
+        return device_warnings(self.manifest.device, detect_host())
 
     @property
     def scale(self) -> int:
@@ -54,8 +79,29 @@ class Restorer:
         wanted = {t.name for t in graph.inputs}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         output = self.backend.run(graph, feeds)[graph.outputs[0].name]
+        if not np.isfinite(output).all():
+            output = self._rerun_in_fp32(graph, feeds, output)
         if self.tap is not None:
             self.tap(graph, feeds, output)
+        return output
+
+    def _rerun_in_fp32(self, graph: GraphSpec, feeds: dict, output: np.ndarray) -> np.ndarray:
+        bad = int(output.size - np.isfinite(output).sum())
+        fallback = self.manifest.fallback_graph(graph)
+        if fallback is None:
+            hint = (f"re-export with --fp32-fallback {graph.component}, or run the FP32 bundle"
+                    if graph.precision != "fp32" else "the input or the bundle is broken")
+            raise NonFiniteOutput(f"{graph.key} ({graph.precision}) produced {bad} NaN/inf values and the "
+                                  f"bundle has no FP32 graph to rerun it: {hint}")
+        if graph.key not in self.fallbacks:
+            log.warning("%s: %s output had %d NaN/inf values; reran it in its FP32 graph %s "
+                        "(said once; later reruns are counted in Restorer.fallbacks)",
+                        graph.key, graph.precision, bad, fallback.file)
+        self.fallbacks[graph.key] += 1
+        output = self.backend.run(fallback, feeds)[fallback.outputs[0].name]
+        if not np.isfinite(output).all():
+            raise NonFiniteOutput(f"{graph.key}: even its FP32 graph produced NaN/inf; the input image "
+                                  "or the bundle is broken")
         return output
 
     def scores(self, image: np.ndarray) -> np.ndarray:
@@ -117,6 +163,10 @@ class Restorer:
             out = self._run("decoder", None, latent=z_h.astype(np.float32))
         s = self.scale
         restored = out[0, :, : height * s, : width * s].transpose(1, 2, 0)
+        if np.ptp(restored) < 1 / 255 and np.ptp(image) > 0.05:
+            log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
+                        "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
+                        float(restored.mean()))
         return RestoreResult(np.ascontiguousarray(restored), scores, bucket)
 
     def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,

@@ -54,6 +54,9 @@ def test_report_files_and_structure(report):
     assert folded["memory"]["peak_rss_mib"] > folded["memory"]["import_rss_mib"] > 10
     assert folded["size"]["weight_packs_mib"] > 0
     assert [r["buckets"] for r in results["bucket_sweep"]] == [1, 2]
+    switch = results["bucket_switch"]
+    assert switch["refit_fixed_p50_ms"] > 0 and switch["graphs_fixed_p50_ms"] > 0
+    assert switch["refittable_vs_fixed_latency"] > 0 and "## Bucket switch" in (report / "report.md").read_text()
     assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
         "folded UNet latency / merged dense-LoRA UNet latency", "gated UNet latency / folded UNet latency"}
     assert results["machine"]["cores"] >= 1 and results["machine"]["onnxruntime"]

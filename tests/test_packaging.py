@@ -23,6 +23,7 @@ def test_runtime_wheel_in_a_fresh_venv(folded_bundle, tmp_path):
     wheel = build(tmp_path / "dist")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mordasr/runtime/pipeline.py" in names and "mordasr/errors.py" in names
+    assert "mordasr/runtime/device_profiles/orin-nano-8gb.json" in names
     assert not [n for n in names if n.startswith(("mordasr/model", "mordasr/export", "mordasr/training"))]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -209,6 +209,25 @@ def test_lint_rejects_routing_hazards_and_restrictions():
     assert "outside TensorRT 10's range 9..24" in str(lint_model(old, "g.onnx", "10")[0])
 
 
+def test_lint_rejects_shapes_taken_from_tensor_values():
+    model = _graph([
+        # shape from Shape(x): known once the input shape is, fine for an engine profile
+        helper.make_node("Shape", ["x"], ["x_shape"], name="shape_of_x"),
+        helper.make_node("Reshape", ["x", "x_shape"], ["same"], name="reshape_by_shape"),
+        # shape from the values of x (e.g. a routed count): only known at run time
+        helper.make_node("ReduceMax", ["x"], ["peak"], name="peak", keepdims=0),
+        helper.make_node("Cast", ["peak"], ["count"], name="count", to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["count", "axes"], ["count1"], name="count1"),
+        helper.make_node("ConstantOfShape", ["count1"], ["ones"], name="ones_by_count"),
+        helper.make_node("Expand", ["x", "count1"], ["y"], name="expand_by_count"),
+    ], inits=[numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    messages = [str(i) for i in lint_model(model, "g.onnx", "10")]
+    assert not any("reshape_by_shape" in m for m in messages)
+    assert any("ones_by_count (ConstantOfShape): data-dependent shape: input 'count1'" in m for m in messages)
+    assert any("expand_by_count (Expand): data-dependent shape" in m for m in messages)
+    assert len(messages) == 2
+
+
 @pytest.mark.parametrize("mode", ["folded", "gated", "hybrid", "dense_lora"])
 def test_every_exported_graph_passes_the_lint(mode, request):
     bundle = request.getfixturevalue(f"{mode}_bundle")

@@ -34,13 +34,14 @@ def _import_ort():
     return onnxruntime
 
 
-def provider_chain(backend: str, precision: str, cache_dir: str | Path) -> list:
+def provider_chain(backend: str, precision: str | tuple[str, ...], cache_dir: str | Path) -> list:
     """Providers with their options for a backend name, most preferred first.
 
     The TensorRT provider caches engines and timing data under ``cache_dir`` so a second run
     skips the build; FP16/INT8 are enabled to match the bundle's precision (its graphs already
     carry the FP16 types or Q/DQ nodes).
     """
+    precisions = (precision,) if isinstance(precision, str) else tuple(precision)
     if backend not in PROVIDERS:
         raise MordasrError(f"unknown ONNX Runtime backend {backend!r}; choose one of {', '.join(PROVIDERS)}")
     chain: list = []
@@ -49,8 +50,8 @@ def provider_chain(backend: str, precision: str, cache_dir: str | Path) -> list:
             cache = str(Path(cache_dir))
             chain.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                                  "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-                                 "trt_fp16_enable": precision == "fp16",
-                                 "trt_int8_enable": precision == "int8"}))
+                                 "trt_fp16_enable": "fp16" in precisions,
+                                 "trt_int8_enable": "int8" in precisions}))
         else:
             chain.append(name)
     return chain
@@ -70,14 +71,15 @@ class OnnxRuntimeBackend:
         if bucket_switch == "refit" and manifest.mode == "folded" and not manifest.weight_packs:
             raise BundleError("this folded bundle has no weight packs; re-export it without "
                               "--no-weight-packs to switch buckets by refit")
-        if bucket_switch == "refit" and manifest.precision == "int8":
+        if bucket_switch == "refit" and any(manifest.component_precision(p.component) == "int8"
+                                            for p in manifest.weight_packs):
             # Measured: ONNX Runtime's initializer overrides do not reach Q/DQ weights (UNet
             # off by 0.13-0.19 at every optimization level, while the same pack written into the
             # graph is exact). Refuse rather than restore with the wrong weights.
             raise MordasrError("--bucket-switch refit is not supported for INT8 bundles on ONNX Runtime; "
                                "use --bucket-switch graphs")
         self.bucket_switch = bucket_switch
-        self.providers = provider_chain(backend, manifest.precision,
+        self.providers = provider_chain(backend, tuple({g.precision for g in manifest.graphs}),
                                         cache_dir or self.bundle_dir / "ort-trt-cache")
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
         available = set(self.ort.get_available_providers())
@@ -109,7 +111,7 @@ class OnnxRuntimeBackend:
 
     def session(self, graph: GraphSpec):
         pack = (self.manifest.weight_pack(graph.component, graph.bucket)
-                if self.bucket_switch == "refit" and graph.bucket is not None else None)
+                if self.bucket_switch == "refit" and graph.bucket is not None and not graph.fallback else None)
         if pack is None:
             if graph.key not in self._sessions:
                 self._sessions[graph.key] = self._open(graph.file, self._options())

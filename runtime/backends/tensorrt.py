@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mordasr.errors import BundleError, MordasrError
+from mordasr.runtime.engine_cache import EngineCache, EngineKey, resolve_engine, trtexec_hint
 from mordasr.runtime.engine_names import LRUCache, TensorRTVersion, engine_file_name, engine_mismatch
 from mordasr.runtime.manifest import GraphSpec, Manifest, verify_file
 from mordasr.runtime.weight_packs import load_weight_pack
@@ -77,7 +78,7 @@ class _LoadedEngine:
     def __init__(self, backend: "TensorRTBackend", file: str) -> None:
         self.backend = backend
         trt = backend.trt
-        data = (backend.bundle_dir / file).read_bytes()
+        data = Path(file).read_bytes()
         self.engine = backend.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BundleError(f"TensorRT could not deserialize {file}: it was built for another GPU or "
@@ -165,7 +166,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, manifest: Manifest, bundle_dir: str | Path, max_engines: int = 8,
-                 bucket_switch: str = "graphs", cuda_graphs: bool = True, cache_dir=None) -> None:
+                 bucket_switch: str = "graphs", cuda_graphs: bool = True, cache_dir=None,
+                 build_missing: bool = True) -> None:
         self.trt, self.cudart = _import()
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
@@ -178,25 +180,59 @@ class TensorRTBackend:
         self.bucket_switch = bucket_switch
         self.cuda_graphs = cuda_graphs
         self.engines = LRUCache(max_engines, close=lambda e: e.close())
+        self.cache = EngineCache(cache_dir)
+        self.build_missing = build_missing
 
-    def engine_file(self, graph: GraphSpec) -> str:
+    def engine_file(self, graph: GraphSpec) -> Path:
+        """The bundle's engine for this GPU and TensorRT version; else the engine cache's, built on
+        a miss (the cache key holds GPU, TensorRT version, precision, profile and bundle hash)."""
         file = engine_file_name(graph, self.cc, self.version)
         if (self.bundle_dir / file).is_file():
             recorded = next((e for e in self.manifest.engines if e.file == file), None)
             if recorded is not None:
                 verify_file(self.bundle_dir, file, recorded.sha256)
-            return file
-        for e in self.manifest.engines:
-            if e.graph == graph.key:
-                why = engine_mismatch(e.compute_capability, e.tensorrt_version, self.cc, str(self.version))
-                if why:
-                    raise BundleError(f"{e.file}: {why}")
-        raise BundleError(f"no TensorRT engine for {graph.key} on this device ({file} is missing); "
-                          "build engines here with the bundle's build_engines.sh or mordasr-export --engines")
+            return self.bundle_dir / file
+        stale = [why for e in self.manifest.engines if e.graph == graph.key
+                 for why in [engine_mismatch(e.compute_capability, e.tensorrt_version, self.cc, str(self.version))]
+                 if why]
+        if stale and not self.build_missing:
+            raise BundleError(f"{graph.key}: {stale[0]}")
+        return self._cached_engine(graph)
+
+    def _engine_options(self):
+        from mordasr.export.engines import EngineOptions
+
+        sizes = {k: f"{hw[1]}x{hw[0]}" for k, hw in self.manifest.profile.items()}
+        builder = self.manifest.device.get("builder", {})
+        return EngineOptions(**{f"{k}_size": v for k, v in sizes.items()},
+                             refittable=self.bucket_switch == "refit",
+                             workspace_mb=builder.get("workspace_mb", 4096),
+                             tactic_dram_mb=builder.get("tactic_dram_mb"),
+                             optimization_level=builder.get("optimization_level", 3))
+
+    def _cached_engine(self, graph: GraphSpec) -> Path:
+        hint = trtexec_hint(self.bundle_dir, graph.file)
+        try:
+            from mordasr.export.engines import build_engine
+            from mordasr.export.tensorrt_config import profile_shapes
+        except ImportError:  # the runtime-only install has no exporter
+            build_engine = None
+        if build_engine is None or not self.manifest.profile:
+            raise BundleError(f"no TensorRT engine for {graph.key} on this device and this install cannot "
+                              f"build one; build it with: {hint}")
+        options = self._engine_options()
+        profile = profile_shapes(self.manifest, graph, options.min_size, options.opt_size, options.max_size)
+        key = EngineKey.make(graph.key, self.cc, str(self.version), graph.precision, profile,
+                             self.manifest.content_hash(), options.refittable)
+        timing = self.cache.timing_cache(self.cc, str(self.version))
+        timing.parent.mkdir(parents=True, exist_ok=True)
+        build = (lambda: build_engine(self.trt, self.bundle_dir, self.manifest, graph, options, self.version, timing)
+                 if self.build_missing else None)
+        return resolve_engine(self.cache, key, build, hint)
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pack = (self.manifest.weight_pack(graph.component, graph.bucket)
-                if self.bucket_switch == "refit" and graph.bucket is not None else None)
+                if self.bucket_switch == "refit" and graph.bucket is not None and not graph.fallback else None)
         if pack is None:
             engine = self.engines.get(graph.key, lambda: _LoadedEngine(self, self.engine_file(graph)))
         else:

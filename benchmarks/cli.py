@@ -41,11 +41,13 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--bucket-sweep", default="1,2,4,8,16", show_default=True,
               help="Bucket counts for the folded-vs-continuous fidelity curve.")
 @click.option("--train-steps", type=click.IntRange(min=1), default=150, show_default=True,
-              help="tiny: adapter training steps for each of MoR and dense LoRA (same budget).")
+              help="tiny: adapter training steps for each of MoR, dense LoRA and AdaptIR (same budget).")
 @click.option("--mor-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Use this MoR checkpoint instead of training one.")
 @click.option("--lora-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Use this dense-LoRA checkpoint instead of training one.")
+@click.option("--adaptir-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Use this AdaptIR checkpoint instead of training one.")
 @click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed warm-up runs.")
 @click.option("--lr-size", type=click.IntRange(min=8), default=64, show_default=True,
@@ -59,8 +61,8 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
-         lora_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops, seed, quiet):
-    """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA and PyTorch eager.
+         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops, seed, quiet):
+    """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA, AdaptIR and PyTorch eager.
 
     Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,
     throughput, runtime overhead over raw session time, peak host RSS, size on disk, export
@@ -77,7 +79,8 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
                       precisions=_split(precisions, PRECISIONS, "precision"), backend=backend,
                       buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
                       lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
-                      mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint)
+                      mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
+                      adaptir_checkpoint=adaptir_checkpoint)
     try:
         cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
         cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())

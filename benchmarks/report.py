@@ -113,6 +113,12 @@ def markdown(results: dict, plots: list[str]) -> str:
                      f"{_fmt(r['size']['graphs_mib']) if r['size'] else 'n/a'} | {_fmt(r['export_seconds'], 1)} | "
                      f"{_fmt(r['psnr_vs_fp32_torch'])} | {_fmt(r['ssim_vs_fp32_torch'], 4)} | "
                      f"{_fmt(r['psnr_vs_hr'])} | {_fmt(r['ssim_vs_hr'], 4)} |")
+    adapted = [r for r in results["variants"] if r.get("adapter_params")]
+    if adapted:
+        lines += ["", "## Adapters compared (same base, same training budget)", "",
+                  "| variant | precision | adapter parameters | PSNR vs HR | SSIM vs HR | p50 ms |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['precision']} | {r['adapter_params']:,} | {_fmt(r['psnr_vs_hr'])} | "
+                  f"{_fmt(r['ssim_vs_hr'], 4)} | {_fmt(r['latency']['p50_ms'])} |" for r in adapted]
     lines += ["", "## Components (raw session time)", "",
               "| variant | precision | component | p50 ms | p95 ms | GFLOP | GFLOP/s | fraction of peak |",
               "|---|---|---|---|---|---|---|---|"]

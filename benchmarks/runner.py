@@ -18,7 +18,7 @@ from mordasr.errors import MordasrError
 # variant -> (adapter kind, export mode); "torch-eager" is the unmerged PyTorch MoR reference
 VARIANTS = {"mor-folded": ("mor", "folded"), "mor-gated": ("mor", "gated"),
             "mor-hybrid": ("mor", "hybrid"), "dense-lora": ("lora", "dense-lora"),
-            "torch-eager": ("mor", None)}
+            "adaptir": ("adaptir", "adaptir"), "torch-eager": ("mor", None)}
 BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -41,6 +41,7 @@ class BenchConfig:
     seed: int = 0
     mor_checkpoint: Path | None = None
     lora_checkpoint: Path | None = None
+    adaptir_checkpoint: Path | None = None
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -59,12 +60,18 @@ class BenchConfig:
 
 
 def _models(cfg: BenchConfig, progress: Callable[[str], None]):
-    """The MoR and dense-LoRA models: same base, same total rank, same training budget."""
+    """The adapted models the variants need: same base, same training budget; MoR and dense LoRA
+    also share the total rank (AdaptIR's size follows its own width ratio)."""
     from mordasr.model.io import load_checkpoint, tiny_base_path
     from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
 
     models = {}
-    for kind, given in (("mor", cfg.mor_checkpoint), ("lora", cfg.lora_checkpoint)):
+    wanted = {VARIANTS[v][0] for v in cfg.variants}
+    given_checkpoints = (("mor", cfg.mor_checkpoint), ("lora", cfg.lora_checkpoint),
+                         ("adaptir", cfg.adaptir_checkpoint))
+    for kind, given in given_checkpoints:
+        if kind not in wanted:
+            continue
         if given:
             model, _ = load_checkpoint(given, add_adapters=False)
             if model.config.adapter.kind != kind:
@@ -78,8 +85,8 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
             model, _ = load_checkpoint(tiny_base_path(), adapter=kind)
             train_adapters(model, AdapterTrainingConfig(steps=cfg.train_steps, seed=cfg.seed), quiet=True)
         models[kind] = model.eval()
-    ranks = {k: m.config.adapter.rank for k, m in models.items()}
-    if len(set(ranks.values())) != 1:
+    ranks = {k: m.config.adapter.rank for k, m in models.items() if k != "adaptir"}
+    if len(set(ranks.values())) > 1:
         cfg.notes.append(f"total ranks differ: {ranks}")
     return models
 
@@ -189,7 +196,7 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
 
     cfg.validate()
     models = _models(cfg, progress)
-    scale = models["mor"].config.scale
+    scale = next(iter(models.values())).config.scale
     pairs = _eval_set(cfg, scale)
     timed_lr = pairs[0][0]
     references = {kind: [_torch_restore(m, lr) for lr, _ in pairs] for kind, m in models.items()}
@@ -197,7 +204,8 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
                      "config": {"buckets": cfg.buckets, "iterations": cfg.iterations, "warmup": cfg.warmup,
                                 "lr_size": cfg.lr_size, "scale": scale, "eval_images": len(pairs),
                                 "train_steps": cfg.train_steps if cfg.preset == "tiny" else 0,
-                                "total_rank": models["mor"].config.adapter.rank},
+                                "total_rank": next((m.config.adapter.rank for k, m in models.items()
+                                                    if k != "adaptir"), 0)},
                      "random_weights": cfg.preset == "sd21", "variants": [], "notes": cfg.notes}
     for name in cfg.variants:
         kind, mode = VARIANTS[name]
@@ -244,8 +252,9 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
             progress(f"{name} {precision}: memory")
             memory = peak_rss_mib(path, cfg.lr_size, cfg.backend)
             size = _bundle_size(path, load_manifest(path))
-            results["variants"].append(_row(name, precision, cfg.backend, latency, components, memory, size,
-                                            export_seconds, fidelity))
+            row = _row(name, precision, cfg.backend, latency, components, memory, size, export_seconds, fidelity)
+            row["adapter_params"] = sum(p.numel() for p in model.adapter_parameters())
+            results["variants"].append(row)
     progress("latency vs resolution")
     results["resolution"] = _resolution_sweep(cfg, workdir)
     if "mor-folded" in cfg.variants and cfg.buckets > 1:
@@ -336,7 +345,7 @@ def _resolution_sweep(cfg: BenchConfig, workdir: Path) -> list[dict]:
     from mordasr.runtime import Restorer
 
     rows = []
-    for name in ("mor-folded", "mor-gated", "mor-hybrid", "dense-lora"):
+    for name in ("mor-folded", "mor-gated", "mor-hybrid", "dense-lora", "adaptir"):
         bundle = workdir / f"{name}-fp32"
         if name not in cfg.variants or not bundle.is_dir():
             continue

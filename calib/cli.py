@@ -18,6 +18,20 @@ DEFAULT_CALIB_IMAGES = 32
 DEFAULT_EVAL_IMAGES = 4
 
 
+def precision_map_options(overrides: str):
+    """``--component-precision`` and ``--fp32-fallback``, shared by mordasr-calib and mordasr-export."""
+    def decorate(command):
+        command = click.option(
+            "--fp32-fallback", multiple=True, type=click.Choice(["encoder", "unet", "decoder"]),
+            help="Also ship this component's FP32 graph; mordasr-run reruns it when the reduced-precision "
+                 "output is NaN/inf (repeat the option; FP16 VAE decoders need it most).")(command)
+        return click.option(
+            "--component-precision", default=None, metavar="C=P,...",
+            help="Per-component precision, e.g. unet=int8,decoder=fp32 (encoder, unet, decoder; the "
+                 f"router stays fp32); overrides {overrides}.")(command)
+    return decorate
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"mordasr-calib: error: {message}", err=True)
     sys.exit(code)
@@ -107,12 +121,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True,
               help="fp16: FP16 graphs, float32 I/O, norms/softmax kept FP32. int8: explicit Q/DQ "
                    "(symmetric, per-channel weights, per-tensor activations, float bias).")
-@click.option("--component-precision", default=None, metavar="C=P,...",
-              help="Per-component precision overriding --precision, e.g. unet=int8,decoder=fp32 "
-                   "(components: encoder, unet, decoder; the router stays fp32).")
-@click.option("--fp32-fallback", multiple=True, type=click.Choice(["encoder", "unet", "decoder"]),
-              help="Also ship this component's FP32 graph; mordasr-run reruns it when the reduced-"
-                   "precision output is NaN/inf (repeat the option; FP16 VAE decoders need it most).")
+@precision_map_options("--precision")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="PyTorch checkpoint the bundle came from (FP32 reference) [default: the one "
                    "recorded in the bundle's manifest].")

@@ -20,7 +20,7 @@ from mordasr.export.lint import TENSORRT_MAJORS, check_bundle_graphs
 from mordasr.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_onnx, io_specs
 from mordasr.export.weight_packs import write_weight_packs
 from mordasr.model import OneStepSR
-from mordasr.model.inject import fold_adapters, hybrid_adapters
+from mordasr.model.inject import fold_adapters, fuse_adaptir, hybrid_adapters
 from mordasr.runtime.manifest import (MODES, SCORE_FED_MODES, Bucket, GraphSpec, Manifest, TensorSpec,
                                       sha256_file)
 from mordasr.runtime.routing import BUCKET_RULE
@@ -39,7 +39,8 @@ def default_profile(preset: str) -> dict[str, list[int]]:
     return {k: list(v) for k, v in DEFAULT_PROFILES.get(preset, DEFAULT_PROFILES["sd21"]).items()}
 
 # Which export modes each adapter kind can be shipped in.
-MODES_BY_ADAPTER = {"mor": ("folded", "gated", "hybrid"), "lora": ("dense-lora", "gated")}
+MODES_BY_ADAPTER = {"mor": ("folded", "gated", "hybrid"), "lora": ("dense-lora", "gated"),
+                    "adaptir": ("adaptir",)}
 
 
 def default_mode(adapter: str) -> str:
@@ -59,6 +60,8 @@ def _graph_jobs(model: OneStepSR, mode: str, buckets: list[Bucket]):
     else:
         if mode == "gated":
             variant = model
+        elif mode == "adaptir":  # no routing: the branches stay, fused (matmul DFT, BN and LIM folded)
+            variant = fuse_adaptir(model)
         elif mode == "hybrid":
             variant = hybrid_adapters(model)
         else:  # dense-lora: every gate is 1, so any score vector folds the same weights
@@ -74,9 +77,14 @@ def check_mode(adapter: str, mode: str) -> None:
         raise MordasrError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     allowed = MODES_BY_ADAPTER.get(adapter, ())
     if mode not in allowed:
-        hint = ("dense-lora is the baseline: export a checkpoint trained with --adapter lora"
-                if mode == "dense-lora" else
-                "a dense LoRA has no routing to fold or gate per rank: use --mode dense-lora")
+        if adapter == "adaptir":
+            hint = "AdaptIR has no routing to fold or gate: use --mode adaptir"
+        elif mode == "dense-lora":
+            hint = "dense-lora is the baseline: export a checkpoint trained with --adapter lora"
+        elif mode == "adaptir":
+            hint = "export a checkpoint trained with --adapter adaptir"
+        else:
+            hint = "a dense LoRA has no routing to fold or gate per rank: use --mode dense-lora"
         raise MordasrError(f"a {adapter} checkpoint cannot be exported in {mode} mode "
                            f"(it allows {', '.join(allowed)}); {hint}")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from mordasr.calib.cli import precision_map_options
 from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT
 from mordasr.errors import MordasrError
 from mordasr.runtime.manifest import MODES
@@ -29,7 +30,9 @@ def _fail(message: str) -> None:
                    "weights (costs exactly the base model); gated: one graph set taking the "
                    "degradation scores as an input (base + low-rank branch); hybrid: shared ranks "
                    "merged, routed ranks gated; dense-lora: the merged LoRA baseline (LoRA "
-                   "checkpoints). [default: folded for MoR, dense-lora for LoRA]")
+                   "checkpoints); adaptir: the UNet with its AdaptIR branches, FFTs as matrix "
+                   "products (AdaptIR checkpoints). [default: folded for MoR, dense-lora for LoRA, "
+                   "adaptir for AdaptIR]")
 @click.option("--buckets", "num_buckets", type=click.IntRange(min=1), default=4, show_default=True,
               help="Folded mode: number of buckets.")
 @click.option("--bucket-placement", type=click.Choice(["kmeans", "grid"]), default="kmeans", show_default=True,
@@ -55,12 +58,7 @@ def _fail(message: str) -> None:
 @click.option("--max-size", default=None,
               help="Engine profile: largest output; mordasr-run tiles larger images, and the memory "
                    "estimate is taken here [default: the device's, else 512 for tiny, 1024 for sd21].")
-@click.option("--component-precision", default=None, metavar="C=P,...",
-              help="Per-component precision, e.g. unet=int8,decoder=fp32 (encoder, unet, decoder; the "
-                   "router stays fp32); overrides --fp16/--int8 and the device profile.")
-@click.option("--fp32-fallback", multiple=True, type=click.Choice(["encoder", "unet", "decoder"]),
-              help="Ship this component's FP32 graph too; mordasr-run reruns it when the reduced-precision "
-                   "output is NaN/inf (repeatable) [default: the device's list].")
+@precision_map_options("--fp16/--int8 and the device profile (whose FP32 fallbacks are the default)")
 @click.option("--refittable", is_flag=True,
               help="Engines: build refittable engines; a folded bundle then builds bucket 0 only "
                    "and switches buckets by refit from its weight packs.")

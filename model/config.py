@@ -30,14 +30,15 @@ ENCODER_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_o
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut",
                 "conv_out", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
-ADAPTER_KINDS = ("mor", "lora")
+ADAPTER_KINDS = ("mor", "lora", "adaptir")
 
 
 @dataclass
 class AdapterConfig:
-    """Mixture-of-Ranks (``mor``) or dense ``lora`` of the same total rank.
+    """Mixture-of-Ranks (``mor``), dense ``lora`` of the same total rank, or ``adaptir``.
 
-    Paper defaults: 40 ranks = 8 shared + 32 routed, top-8, 4 zero slots.
+    Paper defaults: 40 ranks = 8 shared + 32 routed, top-8, 4 zero slots. AdaptIR sits parallel
+    to the feed-forward of every UNet transformer block, with hidden width d / ``adaptir_ratio``.
     """
 
     kind: str = "mor"
@@ -48,6 +49,8 @@ class AdapterConfig:
     alpha: float | None = None  # LoRA alpha; scaling = alpha / rank (None: alpha = rank)
     encoder_targets: tuple[str, ...] = ENCODER_TARGETS
     unet_targets: tuple[str, ...] = UNET_TARGETS
+    adaptir_ratio: int = 24  # AdaptIR hidden width = d_model / ratio (24 in the paper's IPT setup)
+    expert_size: int = 1  # MoR ranks per routed expert (>1: module-level LoRA-MoE ablation)
 
     @property
     def rank(self) -> int:
@@ -58,8 +61,11 @@ class AdapterConfig:
             raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
         if self.rank <= 0:
             raise ValueError("adapter rank must be positive")
-        if self.kind == "mor" and not 0 < self.top_k <= self.r_routed + self.n_zero:
-            raise ValueError(f"top_k={self.top_k} must lie in 1..r_routed+n_zero={self.r_routed + self.n_zero}")
+        if self.kind == "mor" and (self.expert_size < 1 or self.r_routed % self.expert_size):
+            raise ValueError(f"r_routed={self.r_routed} must be a multiple of expert_size={self.expert_size}")
+        slots = self.r_routed // max(self.expert_size, 1) + self.n_zero
+        if self.kind == "mor" and not 0 < self.top_k <= slots:
+            raise ValueError(f"top_k={self.top_k} must lie in 1..{slots} (routed experts + zero slots)")
 
 
 @dataclass

@@ -25,7 +25,8 @@ def make_adapter(base: nn.Module, config: AdapterConfig, num_scores: int,
         return cls(base, config.rank, config.alpha, routing)
     cls = MoRConv2d if is_conv else MoRLinear
     return cls(base, r_shared=config.r_shared, r_routed=config.r_routed, top_k=config.top_k,
-               n_zero=config.n_zero, num_scores=num_scores, alpha=config.alpha, routing=routing)
+               n_zero=config.n_zero, num_scores=num_scores, alpha=config.alpha, routing=routing,
+               expert_size=config.expert_size)
 
 
 def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConfig,
@@ -52,6 +53,43 @@ def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConf
     return adapted
 
 
+def inject_adaptir(unet: nn.Module, ratio: int) -> list[str]:
+    """Put an AdaptIR module parallel to the feed-forward of every transformer block of ``unet``.
+
+    Each ``Transformer2DModel`` gets a pre-hook that records its input's (H, W): its blocks see
+    flattened tokens and AdaptIR works on the feature map.
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from mordasr.model.adapters.adaptir import FeedForwardWithAdaptIR, SpatialShape
+
+    adapted = []
+    for name, module in list(unet.named_modules()):
+        blocks = getattr(module, "transformer_blocks", None)
+        if blocks is None:
+            continue
+        shape = SpatialShape()
+        module.register_forward_pre_hook(shape.hook, with_kwargs=True)
+        for i, block in enumerate(blocks):
+            if isinstance(block, BasicTransformerBlock):
+                block.ff = FeedForwardWithAdaptIR(block.ff, block.dim, ratio, shape)
+                adapted.append(f"{name}.transformer_blocks.{i}.ff")
+    if not adapted:
+        raise ValueError("the UNet has no transformer blocks to put AdaptIR on")
+    return adapted
+
+
+def fuse_adaptir(root: nn.Module) -> nn.Module:
+    """A copy of ``root`` whose AdaptIR modules are fused for export (matmul DFT, BN and LIM folded)."""
+    from mordasr.model.adapters.adaptir import AdaptIR
+
+    fused = copy.deepcopy(root).eval()
+    for module in fused.modules():
+        if isinstance(module, AdaptIR):
+            module.fuse("matmul")
+    return fused
+
+
 def adapter_layers(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in root.named_modules():
         if isinstance(module, AdapterLayer):
@@ -72,6 +110,19 @@ def hybrid_adapters(root: nn.Module) -> nn.Module:
         parent = hybrid.get_submodule(parent_name) if parent_name else hybrid
         setattr(parent, child, layer.split_shared())
     return hybrid
+
+
+def strip_adapters(root: nn.Module) -> nn.Module:
+    """A copy of ``root`` with every adapter removed (the frozen base: VSD's pretrained teacher)."""
+    from mordasr.model.adapters.adaptir import FeedForwardWithAdaptIR
+
+    base = copy.deepcopy(root)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, (AdapterLayer, FeedForwardWithAdaptIR)):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            setattr(parent, child, module.base_layer if isinstance(module, AdapterLayer) else module.ff)
+    return base
 
 
 def fold_adapters(root: nn.Module, scores: torch.Tensor) -> nn.Module:

@@ -15,10 +15,12 @@ from torch import nn
 from mordasr.model.adapters.mor import MoRLayer
 
 
-def load_balance_loss(model: nn.Module, severity: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def load_balance_loss(model: nn.Module, severity: torch.Tensor, alpha: float = 1.0,
+                      degradation_aware: bool = True) -> torch.Tensor:
     """Mean over MoR layers of the degradation-aware balance loss of their last routed batch.
 
     ``severity`` is the per-image overall degradation score (N,), in [0, 1].
+    ``degradation_aware=False`` is the standard balance loss (every slot weighted ``alpha``).
     """
     losses = []
     for module in model.modules():
@@ -29,7 +31,8 @@ def load_balance_loss(model: nn.Module, severity: torch.Tensor, alpha: float = 1
         f = kept.float().mean(dim=0) / module.top_k
         p = probs.mean(dim=0)
         weights = torch.full((slots,), alpha, dtype=probs.dtype, device=probs.device)
-        weights[module.r_routed:] = alpha * severity.mean().to(probs.dtype)
+        if degradation_aware:
+            weights[module.n_experts:] = alpha * severity.mean().to(probs.dtype)
         losses.append(slots * (weights * f * p).sum())
     if not losses:
         return severity.new_zeros(())

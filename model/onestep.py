@@ -16,7 +16,7 @@ from torch import nn
 from mordasr.model.adapters import RoutingContext
 from mordasr.model.config import ModelConfig
 from mordasr.model.degradation import DegradationEstimator, build_vision_tower
-from mordasr.model.inject import adapter_layers, inject_adapters
+from mordasr.model.inject import adapter_layers, inject_adapters, inject_adaptir
 from mordasr.model.resample import bicubic_upsample
 from mordasr.model.scheduler import one_step_schedule
 
@@ -47,6 +47,11 @@ class OneStepSR(nn.Module):
             raise RuntimeError("adapters already added")
         cfg = self.config.adapter
         d = self.config.num_degradations
+        if cfg.kind == "adaptir":  # on the UNet's transformer blocks only, as in the paper
+            names = ["unet." + n for n in inject_adaptir(self.unet, cfg.adaptir_ratio)]
+            self.has_adapters = True
+            self.freeze_base()
+            return names
         names = ["vae.encoder." + n for n in inject_adapters(self.vae.encoder, cfg.encoder_targets, cfg, d, self.routing)]
         if getattr(self.vae, "quant_conv", None) is not None:
             names += ["vae." + n for n in inject_adapters(self.vae, ("quant_conv",), cfg, d, self.routing)]
@@ -98,4 +103,4 @@ class OneStepSR(nn.Module):
 
 
 def _is_adapter_param(name: str) -> bool:
-    return any(part in ("lora_A", "lora_B", "router") for part in name.split("."))
+    return any(part in ("lora_A", "lora_B", "router", "adaptir") for part in name.split("."))

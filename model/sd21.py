@@ -43,9 +43,15 @@ def _null_text(diffusers_dir: Path, tokens: int) -> torch.Tensor:
 
 def build_sd21(diffusers_dir: str | Path | None = None, clip_checkpoint: str | Path | None = None,
                *, clip_model_name: str | None = None, random_weights: bool = False,
-               adapter: str = "mor", null_text: torch.Tensor | None = None) -> OneStepSR:
-    """An ``sd21`` OneStepSR with adapters, from local weights or random ones."""
+               adapter: str = "mor", null_text: torch.Tensor | None = None,
+               adapter_overrides: dict | None = None) -> OneStepSR:
+    """An ``sd21`` OneStepSR with adapters, from local weights or random ones.
+
+    ``adapter_overrides`` sets ``AdapterConfig`` fields before the adapters are made (ablations)."""
     config = preset_config("sd21", adapter=adapter)
+    for key, value in (adapter_overrides or {}).items():
+        setattr(config.adapter, key, value)
+    config.adapter.validate()
     if clip_model_name:
         config.clip_model_name = clip_model_name
     if random_weights:

@@ -26,7 +26,7 @@ PROFILE_PATH_ENV = "MORDASR_DEVICE_PROFILES"  # extra folders of profile files, 
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
 COMPONENT_NAMES = ("router", "encoder", "unet", "decoder")
 BUCKET_SWITCHES = ("graphs", "refit")
-EXPORT_MODES = ("folded", "gated", "hybrid", "dense-lora")
+EXPORT_MODES = ("folded", "gated", "hybrid", "dense-lora", "adaptir")
 
 
 @dataclass

@@ -21,8 +21,9 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # schema 2 added hybrid/dense-lora modes, weight packs, engines
 MANIFEST_NAME = "manifest.json"
 # folded: per-bucket graphs with routing merged; gated: one graph set fed the scores;
-# hybrid: shared ranks merged, routed ranks gated; dense-lora: the merged LoRA baseline.
-MODES = ("folded", "gated", "hybrid", "dense-lora")
+# hybrid: shared ranks merged, routed ranks gated; dense-lora: the merged LoRA baseline;
+# adaptir: the UNet keeps its AdaptIR branches (fused, spectral transforms as matrix products).
+MODES = ("folded", "gated", "hybrid", "dense-lora", "adaptir")
 SCORE_FED_MODES = ("gated", "hybrid")
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # mixed: components differ (graphs say which)
 COMPONENTS = ("router", "encoder", "unet", "decoder")

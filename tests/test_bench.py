@@ -48,7 +48,10 @@ def test_report_files_and_structure(report):
     assert html.count("data:image/png;base64,") == 4 and "<table>" in html
     results = json.loads((report / "results.json").read_text())
     assert [r["variant"] for r in results["variants"]] == ["mor-folded", "mor-gated", "mor-hybrid",
-                                                          "dense-lora", "torch-eager"]
+                                                          "dense-lora", "adaptir", "torch-eager"]
+    params = {r["variant"]: r["adapter_params"] for r in results["variants"] if "adapter_params" in r}
+    assert params["adaptir"] > 0 and params["mor-folded"] > params["dense-lora"] > 0  # MoR adds routers
+    assert "## Adapters compared" in (report / "report.md").read_text()
     folded = results["variants"][0]
     assert set(folded["components"]) == {"router", "encoder", "unet", "decoder"}
     assert folded["memory"]["peak_rss_mib"] > folded["memory"]["import_rss_mib"] > 10

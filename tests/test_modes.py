@@ -173,6 +173,31 @@ def test_external_data_export(tiny_model, tiny_buckets, tmp_path):
         load_manifest(bundle)
 
 
+def test_large_graph_cleanup_keeps_weights_outside_and_drops_dead_nodes(tmp_path):
+    """Graphs past the limit are cleaned by onnx-graphsurgeon without loading their weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mordasr.export.onnx_export import _clean_structure
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("Relu", ["x"], ["dead"]), helper.make_node("Neg", ["dead"], ["dead2"])]
+    graph = helper.make_graph(list(reversed(nodes)), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="g.onnx.data", size_threshold=0)
+    data = (tmp_path / "g.onnx.data").read_bytes()
+    _clean_structure(path)
+    cleaned = onnx.load(str(path), load_external_data=False)
+    assert [n.op_type for n in cleaned.graph.node] == ["MatMul"]
+    assert (tmp_path / "g.onnx.data").read_bytes() == data  # weights untouched, still outside
+    assert cleaned.graph.initializer[0].data_location == TensorProto.EXTERNAL
+    x = np.ones((1, 64), np.float32)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, x @ numpy_helper.to_array(w), rtol=1e-5)
+
+
 def test_grid_buckets():
     buckets = grid_buckets(4, ["quality", "blur", "noise"])
     assert [b.centre[0] for b in buckets] == [0.125, 0.375, 0.625, 0.875]

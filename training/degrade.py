@@ -2,7 +2,7 @@
 
 The known parameters give the target scores the ``tiny`` preset's degradation estimator is
 fitted to (``target_scores``), in the same 7 dimensions as the CLIP prompts. Real-ESRGAN's
-second-order pipeline is the paper-fidelity version of this (a later stage of the trainer).
+second-order pipeline (``training/realesrgan.py``) is the paper-fidelity version ``mordasr-train fit`` uses.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Trains only the adapters (LoRA/MoR on the encoder and UNet, and the MoR routers) on top of a
 frozen base, on synthetic degradations of the shipped photographs; validates on fixed degraded
 crops of held-out photographs (PSNR of the model and of bicubic upsampling).
-Full paper-fidelity training (VSD, GAN, Real-ESRGAN degradations) builds on this.
+Paper-fidelity training (Real-ESRGAN degradations, VSD, GAN, resume, torchrun) is
+``mordasr-train fit`` (``training/fit.py``); this quick path serves the demo and the benchmarks.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``r_shared`` ranks always fire. A per-layer router maps the degradation scores ``s`` (N, D) to
 logits over ``r_routed`` experts plus ``n_zero`` zero slots; the top-k slots are kept and their
 softmax probabilities renormalised over the k kept slots. A kept zero slot contributes nothing,
-so a clean image activates fewer ranks.
+so a clean image activates fewer ranks. ``expert_size > 1`` groups the routed ranks into experts
+of that many ranks each (a module-level LoRA-MoE, the paper's ablation).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from mordasr.model.adapters.base import AdapterLayer, RoutingContext
 class MoRLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, *, r_shared: int, r_routed: int, top_k: int,
                  n_zero: int, num_scores: int, alpha: float | None,
-                 routing: RoutingContext) -> None:
+                 routing: RoutingContext, expert_size: int = 1) -> None:
         super().__init__(base_layer, r_shared + r_routed, alpha, routing)
+        if expert_size < 1 or r_routed % expert_size:
+            raise ValueError(f"r_routed={r_routed} must be a multiple of expert_size={expert_size}")
         self.r_shared = r_shared
         self.r_routed = r_routed
+        self.expert_size = expert_size
+        self.n_experts = r_routed // expert_size
         self.top_k = top_k
         self.n_zero = n_zero
-        self.router = nn.Linear(num_scores, r_routed + n_zero)
+        self.router = nn.Linear(num_scores, self.n_experts + n_zero)
         nn.init.normal_(self.router.weight, std=0.5)
         nn.init.zeros_(self.router.bias)
         # (probs, kept) of the last routed batch, read by the load-balancing loss.
@@ -46,7 +51,9 @@ class MoRLayer(AdapterLayer):
             self.last_routing = (probs, kept)
         chosen = probs * kept
         chosen = chosen / chosen.sum(dim=-1, keepdim=True)
-        routed = chosen[..., : self.r_routed]
+        routed = chosen[..., : self.n_experts]
+        if self.expert_size > 1:
+            routed = routed.repeat_interleave(self.expert_size, dim=-1)
         if not self.r_shared:
             return routed
         shared = torch.ones(scores.shape[0], self.r_shared, dtype=probs.dtype, device=probs.device)
@@ -67,7 +74,7 @@ class MoRLayer(AdapterLayer):
             return base
         routed = type(self)(base, r_shared=0, r_routed=self.r_routed, top_k=self.top_k,
                             n_zero=self.n_zero, num_scores=self.router.in_features, alpha=None,
-                            routing=self.routing)
+                            routing=self.routing, expert_size=self.expert_size)
         routed.scaling = self.scaling  # alpha / (r_shared + r_routed), not alpha / r_routed
         with torch.no_grad():
             routed.lora_A.weight.copy_(self.lora_A.weight[self.r_shared:])
@@ -76,8 +83,8 @@ class MoRLayer(AdapterLayer):
         return routed.to(self.lora_A.weight.device).train(self.training)
 
     def extra_repr(self) -> str:
-        return (f"r_shared={self.r_shared}, r_routed={self.r_routed}, top_k={self.top_k}, "
-                f"n_zero={self.n_zero}, scaling={self.scaling:g}")
+        return (f"r_shared={self.r_shared}, r_routed={self.r_routed}, expert_size={self.expert_size}, "
+                f"top_k={self.top_k}, n_zero={self.n_zero}, scaling={self.scaling:g}")
 
 
 class MoRLinear(MoRLayer):

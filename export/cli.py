@@ -72,6 +72,10 @@ def _fail(message: str) -> None:
 @click.option("--engines", "build_now", is_flag=True,
               help="Also build TensorRT engines here (needs tensorrt and a GPU). Every export writes "
                    "build_engines.sh with the same builds as trtexec lines for the target device.")
+@click.option("--triton", "triton_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository of the bundle here (one "
+                   "model per graph, onnxruntime backend, or tensorrt_plan with --engines, plus the "
+                   "'mordasr' pipeline model); see mordasr-triton for its options.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True,
               help="ONNX opset.")
 @click.option("--no-slim", is_flag=True, help="Skip onnxslim graph cleaning.")
@@ -90,7 +94,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
          calib_samples: int, no_weight_packs: bool, device: str | None, min_size: str, opt_size: str,
          max_size: str, component_precision: str | None, fp32_fallback: tuple[str, ...], refittable: bool,
          workspace_mb: int | None, opt_level: int | None, strongly_typed: bool, build_now: bool,
-         opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
+         triton_dir: Path | None, opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
          force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
 
@@ -117,6 +121,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     from mordasr.runtime.manifest import load_manifest
 
     written: list[Path] = []
+    if triton_dir is not None and triton_dir.exists() and not force:
+        _fail(f"{triton_dir} already exists (pass --force to replace it)")
     try:
         profile = load_device_profile(device) if device else None
         model, meta = load_checkpoint(checkpoint, add_adapters=False)
@@ -192,6 +198,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                 for engine in build_engines(path, engine_options):
                     if not quiet:
                         click.echo(f"built {path / engine.file} ({engine.build_seconds:.1f} s)")
+        if triton_dir is not None:
+            _write_triton(out, triton_dir, engines=build_now, quiet=quiet)
     except (MordasrError, ValueError) as err:
         _remove(written)
         _fail(str(err))
@@ -209,6 +217,21 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         if profile is not None:
             click.echo(f"device {profile.name}: budget {profile.budget_bytes / 2**20:.0f} MiB "
                        f"({profile.memory_budget:.0%} of {profile.memory_gib:g} GiB); bucket switch {switch}")
+
+
+def _write_triton(bundle: Path, repo: Path, engines: bool, quiet: bool) -> None:
+    from mordasr.export.triton import TritonOptions, validate_repository, write_triton_repository
+
+    models = write_triton_repository(bundle, repo, TritonOptions(engines=engines), force=True)
+    try:
+        problems = validate_repository(repo)
+    except MordasrError as err:  # tritonclient missing: the repository is written, unchecked
+        click.echo(f"note: {repo} not validated: {err}", err=True)
+        problems = []
+    if problems:
+        raise MordasrError(f"{repo}: " + "; ".join(problems))
+    if not quiet:
+        click.echo(f"wrote Triton repository {repo} ({len(models)} models; start: see {repo / 'README.md'})")
 
 
 def _remove(paths: list[Path]) -> None:

@@ -15,3 +15,7 @@ class ImageError(MordasrError):
 
 class CheckpointError(MordasrError):
     """A model checkpoint is missing, corrupted or does not match the requested preset."""
+
+
+class ImageTooLarge(ImageError):
+    """An input image has more pixels than allowed (or declares a decompression-bomb size)."""

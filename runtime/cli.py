@@ -10,9 +10,7 @@ import click
 
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import BACKENDS
-from mordasr.runtime.color import color_fix as color_fix_image
-from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image,
-                                    read_image_full, upscale_alpha, write_image)
+from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -100,14 +98,25 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
               help="Output bits per channel: auto keeps 16-bit inputs 16-bit (PNG output only).")
 @click.option("--no-alpha", is_flag=True,
               help="Composite transparent inputs over white instead of upscaling their alpha channel.")
-@click.option("--skip-existing", is_flag=True, help="Skip inputs whose output file already exists.")
+@click.option("--skip-existing", is_flag=True,
+              help="Skip inputs whose output file already exists (resumes an interrupted run: outputs "
+                   "are written atomically, so an existing file is a complete one).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Restore a folder as a Ray Data pipeline over a pool of runtime workers (pip install "
+                   "'mordasr[serve]'): the same files as without it, spread over cores or a cluster.")
+@click.option("--address", default=None,
+              help="--ray: Ray cluster to join (auto, ray://head:10001) [default: start a local Ray]. "
+                   "INPUT and OUTPUT must then be on storage every node mounts.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="--ray: runtime workers (actors), each holding the bundle once [default: the "
+                   "cluster's CPUs / --threads].")
 @click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str | None,
          max_engines: int | None, compare_backends: str | None, threads: int | None, fmt: str | None,
          max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
-         color_fix: str, bit_depth: str, no_alpha: bool, skip_existing: bool, dry_run: bool,
-         quiet: bool) -> None:
+         color_fix: str, bit_depth: str, no_alpha: bool, skip_existing: bool, use_ray: bool,
+         address: str | None, workers: int | None, dry_run: bool, quiet: bool) -> None:
     """Super-resolve INPUT (an image file, or a folder searched recursively) with a bundle.
 
     The degradation router scores each image; a folded bundle then runs the graphs of the
@@ -117,12 +126,15 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     Large images run in overlapping tiles (--tile); transparent images keep their alpha
     (upscaled on its own), 16-bit inputs give 16-bit PNG output, ICC profiles and EXIF are kept
     where the format allows. Folders: relative paths are kept, --skip-existing resumes a run,
-    a bad file is reported and the run goes on.
+    a bad file is reported and the run goes on. --ray runs the folder on a pool of Ray workers
+    (local cores or a cluster) with the same outputs.
 
     Exit codes: 0 all images restored (or skipped); 1 some images of a folder failed (each is
     reported at the end); 2 bad bundle, bad arguments, or the single input image failed.
     """
-    from mordasr.runtime.pipeline import Restorer  # after argument parsing, so --help is instant
+    # after argument parsing, so --help is instant
+    from mordasr.runtime.jobs import RestoreOptions, describe, failure_reason, restore_file
+    from mordasr.runtime.pipeline import Restorer
 
     if not input_path.exists():
         _fail(f"{input_path}: no such file or folder")
@@ -153,14 +165,8 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
         options["threads"] = threads
     if backend == "tensorrt":
         options["max_engines"] = max_engines
-    try:
-        restorer = Restorer(bundle, backend=backend, **options)
-    except MordasrError as err:
-        _fail(str(err))
-    if not quiet:
-        for warning in restorer.device_warnings():
-            click.echo(f"mordasr-run: warning: {warning}", err=True)
-
+    job_options = RestoreOptions(tile, tile_overlap, tile_routing, tile_window, color_fix, bit_depth,
+                                 not no_alpha, max_pixels)
     failures: list[tuple[Path, str]] = []
     progress = None
     if len(jobs) > 1 and not quiet:
@@ -168,41 +174,47 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
 
         # tqdm shows images/s and the ETA from the running rate
         progress = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
-    for src, dst in jobs:
-        start = time.perf_counter()
-        try:
-            decoded = read_image_full(src, max_pixels=max_pixels)
-            keep_alpha = decoded.alpha is not None and not no_alpha
-            image = decoded.rgb if keep_alpha else decoded.composited()
-            result = restorer.restore(image, tile=tile, overlap=tile_overlap, tile_routing=tile_routing,
-                                      window=tile_window)
-            restored = color_fix_image(result.image, image, color_fix)
-            h, w = restored.shape[:2]
-            alpha = upscale_alpha(decoded.alpha, w, h) if keep_alpha else None
-            depth = decoded.bit_depth if bit_depth == "auto" else int(bit_depth)
-            write_image(dst, restored, alpha=alpha, bit_depth=depth, icc_profile=decoded.icc_profile,
-                        exif=decoded.exif)
-        except Exception as err:  # a long batch goes on past any one bad file, and says why
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if not isinstance(err, MordasrError):
-                reason = f"{src}: {type(err).__name__}: {reason}"
-            failures.append((src, reason))
+
+    def report(src, error: str, message: str) -> None:
+        if error:
+            failures.append((Path(src), error))
             if progress:
-                progress.write(f"mordasr-run: error: {reason}", file=sys.stderr)
+                progress.write(f"mordasr-run: error: {error}", file=sys.stderr)
             else:
-                click.echo(f"mordasr-run: error: {reason}", err=True)
-        else:
-            if not quiet:
-                where = f"bucket {result.bucket}" if result.bucket is not None else restorer.manifest.mode
-                extra = ", first frame of an animation" if decoded.frames > 1 else ""
-                msg = (f"{src} -> {dst} ({image.shape[1]}x{image.shape[0]} -> "
-                       f"{result.image.shape[1]}x{result.image.shape[0]}, {where}{extra}, "
-                       f"{time.perf_counter() - start:.2f} s)")
-                (progress.write if progress else click.echo)(msg)
+                click.echo(f"mordasr-run: error: {error}", err=True)
+        elif not quiet:
+            (progress.write if progress else click.echo)(message)
         if progress:
             progress.update(1)
+
+    if use_ray:
+        from mordasr.serving.batch import restore_with_ray
+
+        try:
+            summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
+                                       cpus_per_worker=threads or 1, address=address, on_result=report)
+        except (MordasrError, ImportError) as err:
+            _fail(str(err))
+    else:
+        try:
+            restorer = Restorer(bundle, backend=backend, **options)
+        except MordasrError as err:
+            _fail(str(err))
+        if not quiet:
+            for warning in restorer.device_warnings():
+                click.echo(f"mordasr-run: warning: {warning}", err=True)
+        for src, dst in jobs:
+            start = time.perf_counter()
+            try:
+                restored = restore_file(restorer, src, dst, job_options)
+            except Exception as err:  # a long batch goes on past any one bad file, and says why
+                report(src, failure_reason(src, err), "")
+            else:
+                report(src, "", describe(src, dst, restored, restorer.manifest.mode, time.perf_counter() - start))
     if progress:
         progress.close()
+    if use_ray and not quiet:
+        click.echo(f"ray: {summary.done} restored by {summary.workers} workers in {summary.seconds:.1f} s")
     if skipped and not quiet:
         click.echo(f"skipped {len(skipped)} images whose output exists")
     if failures:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mordasr.errors import ImageError
+from mordasr.errors import ImageError, ImageTooLarge
 from mordasr.runtime.atomic import atomic_write
-from mordasr.runtime.png16 import encode_png16, is_png16_color, read_png16
+from mordasr.runtime.png16 import decode_png16, encode_png16, is_png16_color_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -76,25 +76,36 @@ def read_image_full(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    if is_png16_color(path):
-        decoded = _read_png16(path, max_pixels)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{path}: unreadable ({err.strerror or err})") from None
+    return decode_image(data, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode encoded image bytes (a file's content, a request body); ``name`` labels errors."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes), not an image")
+    if is_png16_color_data(data):
+        decoded = _decode_png16(data, name, max_pixels)
     else:
-        decoded = _read_pillow(path, max_pixels)
+        decoded = _decode_pillow(data, name, max_pixels)
     if not np.isfinite(decoded.rgb).all():
-        raise ImageError(f"{path}: image holds non-finite values")
+        raise ImageError(f"{name}: image holds non-finite values")
     return decoded
 
 
-def _read_pillow(path: Path, max_pixels: int) -> DecodedImage:
+def _decode_pillow(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise ImageError(f"{path}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+                    raise ImageTooLarge(f"{name}: {width}x{height} exceeds the limit of {max_pixels} pixels")
                 if width < 1 or height < 1:
-                    raise ImageError(f"{path}: empty image")
+                    raise ImageError(f"{name}: empty image")
                 frames = getattr(img, "n_frames", 1)
                 img.load()
                 exif = img.getexif()
@@ -109,22 +120,21 @@ def _read_pillow(path: Path, max_pixels: int) -> DecodedImage:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can decode") from None
+        raise ImageError(f"{name}: not an image file Pillow can decode") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: declared size is too large (decompression bomb guard)") from None
+        raise ImageTooLarge(f"{name}: declared size is too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
 
 
-def _read_png16(path: Path, max_pixels: int) -> DecodedImage:
-    with open(path, "rb") as f:
-        width, height = struct.unpack(">II", f.read(24)[16:24])
+def _decode_png16(data: bytes, name: str, max_pixels: int) -> DecodedImage:
+    width, height = struct.unpack(">II", data[16:24])
     if width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+        raise ImageTooLarge(f"{name}: {width}x{height} exceeds the limit of {max_pixels} pixels")
     try:
-        pixels, icc = read_png16(path)
+        pixels, icc = decode_png16(data)
     except (ValueError, zlib.error, struct.error) as err:
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
     values = pixels.astype(np.float32) / 65535.0
     alpha = values[..., 3] if values.shape[-1] == 4 else None
     return DecodedImage(np.ascontiguousarray(values[..., :3]), alpha, 16, icc, None, 1)
@@ -141,36 +151,45 @@ EXIF_FORMATS = ("PNG", "JPEG", "WEBP")
 
 def write_image(path: str | Path, image: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
                 icc_profile: bytes | None = None, exif: bytes | None = None) -> Path:
-    """Write float (H, W, 3) in [0, 1] atomically (temporary file, then rename).
-
-    ``alpha`` (H, W) is kept where the format has an alpha channel (PNG, WebP, TIFF) and
-    composited over white elsewhere; ``bit_depth=16`` writes 16-bit PNG (other formats stay
-    8-bit); the ICC profile and EXIF are kept where the format allows.
-    """
+    """Write float (H, W, 3) in [0, 1] atomically (temporary file, then rename), in the format
+    of the path's suffix (see ``encode_image``)."""
     path = Path(path)
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"{path}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
     if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
         raise ImageError(f"{path}: refusing to write an image with NaN or inf values")
+    return atomic_write(path, encode_image(image, fmt, alpha, bit_depth, icc_profile, exif))
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None = None, bit_depth: int = 8,
+                 icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """Encode float (H, W, 3) in [0, 1] as ``fmt`` (a Pillow format name: PNG, JPEG, ...).
+
+    ``alpha`` (H, W) is kept where the format has an alpha channel (PNG, WebP, TIFF) and
+    composited over white elsewhere; ``bit_depth=16`` writes 16-bit PNG (other formats stay
+    8-bit); the ICC profile and EXIF are kept where the format allows.
+    """
+    if fmt not in OUTPUT_FORMATS.values():
+        raise ImageError(f"unsupported output format {fmt!r} (use one of {', '.join(sorted(set(OUTPUT_FORMATS.values())))})")
+    if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
+        raise ImageError("refusing to encode an image with NaN or inf values")
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
     if bit_depth == 16 and fmt == "PNG":
-        data = encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile)
-    else:
-        options = {}
-        if icc_profile and fmt in ICC_FORMATS:
-            options["icc_profile"] = icc_profile
-        if exif and fmt in EXIF_FORMATS:
-            options["exif"] = exif
-        if fmt == "JPEG":
-            options["quality"] = 95
-        buffer = io.BytesIO()
-        Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
-        data = buffer.getvalue()
-    return atomic_write(path, data)
+        return encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile)
+    options = {}
+    if icc_profile and fmt in ICC_FORMATS:
+        options["icc_profile"] = icc_profile
+    if exif and fmt in EXIF_FORMATS:
+        options["exif"] = exif
+    if fmt == "JPEG":
+        options["quality"] = 95
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
 
 
 def upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -45,10 +45,11 @@ Tap = Callable[[GraphSpec, dict, np.ndarray], None]
 
 class Restorer:
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", tap: Tap | None = None,
-                 **backend_options) -> None:
+                 verify_hashes: bool = True, **backend_options) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.tap = tap
-        self.manifest = load_manifest(self.bundle_dir)
+        # verify_hashes=False: the graphs live elsewhere (a Triton repository checked when written)
+        self.manifest = load_manifest(self.bundle_dir, verify_hashes=verify_hashes)
         # Unset switches follow the device profile the bundle was exported for.
         device = self.manifest.device
         if backend_options.get("bucket_switch") is None:
@@ -106,9 +107,7 @@ class Restorer:
 
     def scores(self, image: np.ndarray) -> np.ndarray:
         """Degradation scores (D,) of a low-resolution image (H, W, 3) in [0, 1]."""
-        size = self.manifest.router_image_size
-        view = resize(image, size, size).clip(0, 1).transpose(2, 0, 1)[None]
-        return self._run("router", None, image=np.ascontiguousarray(view, dtype=np.float32))[0]
+        return self.scores_batch([image])[0]
 
     def route(self, scores: np.ndarray, bucket: int | None = None) -> int | None:
         """Folded bundles: the forced or nearest bucket; other modes take the scores as input."""
@@ -135,39 +134,83 @@ class Restorer:
         scale) run in overlapping tiles (``overlap`` LR pixels, default tile / 4) blended with
         a ``window``; ``tile_routing`` scores each tile instead of the whole image.
         """
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ImageError(f"expected an (H, W, 3) image, got shape {image.shape}")
-        height, width = image.shape[:2]
+        _check_image(image)
         # 1. router: degradation scores of the whole image (a downscaled view)
         scores = self.scores(image)
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
-        # pad to the multiple the graphs need (reflect), crop the output back
-        m = self.manifest.lr_multiple
-        pad_h, pad_w = (-height) % m, (-width) % m
-        x = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
-        x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+        x = self._pad(image)
         tile = tile if tile is not None else self.default_tile()
         if tile and max(x.shape[-2:]) > tile:
             out = self._restore_tiled(x, bucket, score_feed, tile, overlap, tile_routing, window)
             bucket = None if tile_routing else bucket
         else:
-            # 3. encoder (bicubic upsample inside the graph) -> latent mean
-            z_l = self._run("encoder", bucket, image=x, scores=score_feed)
-            # 4. UNet noise prediction at the fixed timestep
-            eps = self._run("unet", bucket, latent=z_l, scores=score_feed)
-            # 5. one x0 step of the scheduler
-            z_h = (z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
-            # 6. decoder -> image in [0, 1]
-            out = self._run("decoder", None, latent=z_h.astype(np.float32))
+            out = self._restore_whole(x, bucket, score_feed)  # 3.-6.
+        return RestoreResult(self._crop(out[0], image), scores, bucket)
+
+    def restore_batch(self, images: list[np.ndarray], tile: int | None = None, overlap: int | None = None,
+                      tile_routing: bool = False, window: str = "gaussian") -> list[RestoreResult]:
+        """Several images at once (a server's dynamic batch): one router call for all, then one
+        call per graph for each group of images with the same size and bucket. Images larger
+        than the tile run alone, as in ``restore``."""
+        for image in images:
+            _check_image(image)
+        if not images:
+            return []
+        tile = tile if tile is not None else self.default_tile()
+        scores = self.scores_batch(images)
+        buckets = [self.route(s) for s in scores]
+        padded = [self._pad(image) for image in images]
+        results: list[RestoreResult | None] = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(padded):
+            if tile and max(x.shape[-2:]) > tile:
+                results[i] = self.restore(images[i], tile=tile, overlap=overlap, tile_routing=tile_routing,
+                                          window=window)
+            else:
+                groups.setdefault((x.shape, buckets[i]), []).append(i)
+        for (_, bucket), members in groups.items():
+            out = self._restore_whole(np.concatenate([padded[i] for i in members]), bucket,
+                                      scores[members].astype(np.float32))
+            for row, i in enumerate(members):
+                results[i] = RestoreResult(self._crop(out[row], images[i]), scores[i], bucket)
+        return results
+
+    def scores_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """Degradation scores (N, D) of several images in one router call."""
+        size = self.manifest.router_image_size
+        views = np.stack([resize(image, size, size).clip(0, 1).transpose(2, 0, 1) for image in images])
+        return self._run("router", None, image=np.ascontiguousarray(views, dtype=np.float32))
+
+    def _pad(self, image: np.ndarray) -> np.ndarray:
+        """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""
+        height, width = image.shape[:2]
+        m = self.manifest.lr_multiple
+        pad_h, pad_w = (-height) % m, (-width) % m
+        x = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+
+    def _restore_whole(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray) -> np.ndarray:
+        # 3. encoder (bicubic upsample inside the graph) -> latent mean
+        z_l = self._run("encoder", bucket, image=x, scores=score_feed)
+        # 4. UNet noise prediction at the fixed timestep
+        eps = self._run("unet", bucket, latent=z_l, scores=score_feed)
+        # 5. one x0 step of the scheduler
+        z_h = (z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
+        # 6. decoder -> image in [0, 1]
+        return self._run("decoder", None, latent=z_h.astype(np.float32))
+
+    def _crop(self, out: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """(3, H', W') output -> (H*scale, W*scale, 3), with a warning when it came out flat."""
+        height, width = image.shape[:2]
         s = self.scale
-        restored = out[0, :, : height * s, : width * s].transpose(1, 2, 0)
+        restored = out[:, : height * s, : width * s].transpose(1, 2, 0)
         if np.ptp(restored) < 1 / 255 and np.ptp(image) > 0.05:
             log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
                         "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
                         float(restored.mean()))
-        return RestoreResult(np.ascontiguousarray(restored), scores, bucket)
+        return np.ascontiguousarray(restored)
 
     def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
                        overlap: int | None, tile_routing: bool, window: str) -> np.ndarray:
@@ -202,3 +245,8 @@ class Restorer:
         eps = tiled_apply(unet, z_l, lt, lo, 1, lm, window)
         z_h = ((z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha).astype(np.float32)
         return tiled_apply(lambda t, _o: self._run("decoder", None, latent=t), z_h, lt, lo, f, lm, window)
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ImageError(f"expected an (H, W, 3) image, got shape {image.shape}")

@@ -17,9 +17,14 @@ CHANNELS = {2: 3, 6: 4}  # colour type -> channels
 
 
 def is_png16_color(path: str | Path) -> bool:
-    """True for a PNG whose header says 16-bit RGB or RGBA."""
+    """True for a PNG file whose header says 16-bit RGB or RGBA."""
     with open(path, "rb") as f:
-        head = f.read(29)
+        return is_png16_color_data(f.read(29))
+
+
+def is_png16_color_data(data: bytes) -> bool:
+    """True for PNG bytes whose header says 16-bit RGB or RGBA."""
+    head = data[:29]
     if len(head) < 29 or not head.startswith(SIGNATURE) or head[12:16] != b"IHDR":
         return False
     depth, color = head[24], head[25]
@@ -75,8 +80,12 @@ def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
 
 
 def read_png16(path: str | Path) -> tuple[np.ndarray, bytes | None]:
-    """(uint16 (H, W, C) array, ICC profile or None) of a 16-bit RGB(A) PNG."""
-    data = Path(path).read_bytes()
+    """(uint16 (H, W, C) array, ICC profile or None) of a 16-bit RGB(A) PNG file."""
+    return decode_png16(Path(path).read_bytes())
+
+
+def decode_png16(data: bytes) -> tuple[np.ndarray, bytes | None]:
+    """(uint16 (H, W, C) array, ICC profile or None) of 16-bit RGB(A) PNG bytes."""
     if not data.startswith(SIGNATURE):
         raise ValueError("not a PNG file")
     header, idat, icc = None, [], None

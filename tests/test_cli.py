@@ -103,9 +103,12 @@ def test_export_cli(tiny_model, tmp_path):
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     out = tmp_path / "bundle"
     result = CliRunner().invoke(export_main, [str(ckpt), "-o", str(out), "--mode", "folded",
-                                              "--buckets", "2", "--calib-samples", "16", "-q"])
+                                              "--buckets", "2", "--calib-samples", "16", "-q",
+                                              "--triton", str(tmp_path / "triton")])
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file() and (out / "unet.b1.onnx").is_file()
+    assert (tmp_path / "triton" / "mordasr_unet_b1" / "1" / "model.onnx").is_file()
+    assert (tmp_path / "triton" / "mordasr" / "1" / "model.py").is_file()
     again = CliRunner().invoke(export_main, [str(ckpt), "-o", str(out), "-q"])
     assert again.exit_code == 2 and "already exists" in again.stderr
 

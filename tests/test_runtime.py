@@ -103,7 +103,8 @@ def test_runtime_never_imports_torch(gated_bundle, folded_bundle):
         "import sys, numpy as np\n"
         "from mordasr.runtime import Restorer\n"
         "from mordasr.runtime.cli import main\n"
-        "import mordasr.runtime.backends.tensorrt, mordasr.runtime.compare\n"
+        "import mordasr.runtime.backends.tensorrt, mordasr.runtime.compare, mordasr.runtime.jobs\n"
+        "import mordasr.runtime.backends.triton, mordasr.serving.requests\n"
         f"r = Restorer({str(gated_bundle)!r})\n"
         "out = r.restore(np.random.rand(8, 10, 3).astype(np.float32))\n"
         "assert out.image.shape == (32, 40, 3)\n"
@@ -116,3 +117,26 @@ def test_runtime_never_imports_torch(gated_bundle, folded_bundle):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "LOADED []" in proc.stdout
+
+
+@pytest.mark.parametrize("bundle", ["folded_bundle", "gated_bundle"])
+def test_restore_batch_equals_one_by_one(bundle, request, rng):
+    """A server's batch: same-size, same-bucket images share graph calls, others run alone,
+    images past the tile run tiled; every result equals restore() on its own."""
+    restorer = Restorer(request.getfixturevalue(bundle))
+    calls = []
+    restorer.tap = lambda graph, feeds, output: calls.append((graph.key, output.shape[0]))
+    images = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(3)]
+    images += [rng.random((12, 20, 3), dtype=np.float32), rng.random((7, 9, 3), dtype=np.float32),
+               rng.random((40, 24, 3), dtype=np.float32)]
+    batch = restorer.restore_batch(images, tile=32)
+    assert max(n for _, n in calls) >= 2  # shared calls happened
+    restorer.tap = None
+    for image, got in zip(images, batch):
+        alone = restorer.restore(image, tile=32)
+        assert got.bucket == alone.bucket and got.image.shape == alone.image.shape
+        np.testing.assert_allclose(got.image, alone.image, atol=1e-5)
+        np.testing.assert_allclose(got.scores, alone.scores, atol=1e-5)
+    assert restorer.restore_batch([]) == []
+    with pytest.raises(ImageError, match="expected an"):
+        restorer.restore_batch([images[0], np.zeros((4, 4), np.float32)])

@@ -31,4 +31,9 @@ def create_backend(name: str, manifest: Manifest, bundle_dir: str | Path, **opti
 
         options.pop("threads", None)  # a CPU-thread knob means nothing to an engine
         return TensorRTBackend(manifest, bundle_dir, **options)
+    if name == "triton-bls":  # inside a Triton Python-backend model only, so not in BACKENDS
+        from mordasr.runtime.backends.triton import TritonBLSBackend
+
+        options.pop("threads", None)
+        return TritonBLSBackend(manifest, bundle_dir, **options)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,108 @@
+"""One restore job, as every front end runs it: decode -> restore -> colour fix -> alpha -> encode.
+
+``mordasr-run`` (one process or Ray Data workers) and ``mordasr-serve`` call these, so a file
+restored by any of them is byte-for-byte the same for the same bundle and options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mordasr.errors import MordasrError
+from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.color import color_fix as color_fix_image
+from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, DecodedImage, decode_image,
+                                    encode_image, read_image_full, upscale_alpha)
+from mordasr.runtime.pipeline import Restorer, RestoreResult
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What ``mordasr-run`` options change about one image's restore."""
+
+    tile: int | None = None  # LR tile side; None: the bundle profile's; 0: never tile
+    overlap: int | None = None
+    tile_routing: bool = False
+    window: str = "gaussian"
+    color_fix: str = "none"  # none | adain | wavelet
+    bit_depth: str = "auto"  # auto | 8 | 16
+    keep_alpha: bool = True  # False: composite transparent inputs over white
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def tiling(self) -> dict:
+        return {"tile": self.tile, "overlap": self.overlap, "tile_routing": self.tile_routing,
+                "window": self.window}
+
+
+@dataclass
+class Restored:
+    """A restored image with what its output file carries over from the input."""
+
+    image: np.ndarray  # float32 (H*scale, W*scale, 3) in [0, 1], colour-fixed
+    alpha: np.ndarray | None
+    bit_depth: int
+    icc_profile: bytes | None
+    exif: bytes | None
+    result: RestoreResult  # scores and bucket
+    input_size: tuple[int, int]  # (width, height)
+    frames: int
+
+    def encode(self, fmt: str = "PNG") -> bytes:
+        return encode_image(self.image, fmt, self.alpha, self.bit_depth, self.icc_profile, self.exif)
+
+
+def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: RestoreOptions) -> list[Restored]:
+    """Restore decoded images; several go through ``Restorer.restore_batch`` together."""
+    keep = [d.alpha is not None and options.keep_alpha for d in decoded]
+    inputs = [d.rgb if k else d.composited() for d, k in zip(decoded, keep)]
+    if len(inputs) == 1:
+        results = [restorer.restore(inputs[0], **options.tiling)]
+    else:
+        results = restorer.restore_batch(inputs, **options.tiling)
+    restored = []
+    for d, k, image, result in zip(decoded, keep, inputs, results):
+        fixed = color_fix_image(result.image, image, options.color_fix)
+        h, w = fixed.shape[:2]
+        depth = d.bit_depth if options.bit_depth == "auto" else int(options.bit_depth)
+        restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, depth, d.icc_profile,
+                                 d.exif, result, (image.shape[1], image.shape[0]), d.frames))
+    return restored
+
+
+def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptions) -> Restored:
+    """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix."""
+    fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
+    if fmt is None:
+        raise MordasrError(f"{dst}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
+    (restored,) = restore_decoded(restorer, [read_image_full(src, max_pixels=options.max_pixels)], options)
+    atomic_write(dst, restored.encode(fmt))
+    return restored
+
+
+def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt: str = "PNG",
+                  name: str = "request") -> tuple[bytes, Restored]:
+    """Encoded image bytes in, encoded restored image out (``fmt`` a Pillow format name)."""
+    (restored,) = restore_decoded(restorer, [decode_image(data, name, options.max_pixels)], options)
+    return restored.encode(fmt), restored
+
+
+def failure_reason(src: Path | str, err: Exception) -> str:
+    """One line that starts with the file and says why it failed."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, MordasrError):
+        reason = f"{src}: {type(err).__name__}: {reason}"
+    return reason
+
+
+def describe(src: Path | str, dst: Path | str, restored: Restored, mode: str, seconds: float) -> str:
+    """The line ``mordasr-run`` prints for a restored file."""
+    result = restored.result
+    where = f"bucket {result.bucket}" if result.bucket is not None else mode
+    extra = ", first frame of an animation" if restored.frames > 1 else ""
+    w, h = restored.input_size
+    return (f"{src} -> {dst} ({w}x{h} -> {result.image.shape[1]}x{result.image.shape[0]}, "
+            f"{where}{extra}, {seconds:.2f} s)")

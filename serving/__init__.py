@@ -1,0 +1,1 @@
+"""Beyond one machine: Ray Serve online serving and Ray Data batch restoration."""

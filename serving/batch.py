@@ -1,0 +1,103 @@
+"""``mordasr-run IN -o OUT --ray``: the folder job as a Ray Data pipeline.
+
+The pipeline is a list of (input, output) paths -> ``map_batches`` over a pool of runtime
+actors (each holds one ``Restorer``) -> one summary row per image, streamed back to the driver
+for the progress bar. Each actor decodes, restores and writes its images itself with the same
+``restore_file`` as the single-process mode, so the files are identical and every write is
+atomic; outputs that exist are skipped by ``--skip-existing``, which makes an interrupted run
+resumable. On a multi-node cluster, IN and OUT must be on a filesystem every node mounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mordasr.runtime.jobs import RestoreOptions
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, one-line reason)
+    workers: int = 0
+    seconds: float = 0.0
+
+
+class RestoreWorker:
+    """A Ray Data actor: one runtime, restoring the files of the batches it is given."""
+
+    def __init__(self, bundle: str, backend: str, backend_options: dict, options: RestoreOptions) -> None:
+        from mordasr.runtime.pipeline import Restorer
+
+        self.restorer = Restorer(bundle, backend=backend, **backend_options)
+        self.options = options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mordasr.runtime.jobs import describe, failure_reason, restore_file
+
+        errors, messages = [], []
+        for src, dst in zip(batch["src"], batch["dst"]):
+            start = time.perf_counter()
+            try:
+                restored = restore_file(self.restorer, Path(src), Path(dst), self.options)
+            except Exception as err:  # reported in the summary; the other files go on
+                errors.append(failure_reason(src, err))
+                messages.append("")
+            else:
+                errors.append("")
+                messages.append(describe(src, dst, restored, self.restorer.manifest.mode,
+                                         time.perf_counter() - start))
+        return {"src": batch["src"], "error": np.array(errors, dtype=object),
+                "message": np.array(messages, dtype=object)}
+
+
+def restore_with_ray(jobs: list[tuple[Path, Path]], bundle: Path, backend: str, backend_options: dict,
+                     options: RestoreOptions, workers: int | None = None, cpus_per_worker: float = 1.0,
+                     address: str | None = None, on_result: Callable[[str, str, str], None] | None = None
+                     ) -> BatchSummary:
+    """Restore ``jobs`` on a pool of Ray actors; ``on_result(src, error, message)`` per image."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ImportError("--ray needs Ray Data: pip install 'mordasr[serve]' (or pip install 'ray[data]')") from None
+    from mordasr.runtime.manifest import load_manifest
+
+    load_manifest(bundle)  # one clear error here rather than one per actor
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    summary = BatchSummary()
+    start = time.perf_counter()
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the caller draws one bar over images, not blocks
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_worker, 1e-3)))
+        summary.workers = workers = max(1, min(workers, len(jobs)))
+        items = [{"src": str(src), "dst": str(dst)} for src, dst in jobs]
+        dataset = ray.data.from_items(items, override_num_blocks=min(len(items), workers * 4))
+        results = dataset.map_batches(
+            RestoreWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker, batch_format="numpy",
+            fn_constructor_kwargs={"bundle": str(bundle), "backend": backend,
+                                   "backend_options": backend_options, "options": options})
+        for row in results.iter_rows():
+            if row["error"]:
+                summary.failures.append((row["src"], row["error"]))
+            else:
+                summary.done += 1
+            if on_result:
+                on_result(row["src"], row["error"], row["message"])
+    finally:
+        summary.seconds = time.perf_counter() - start
+        if started:
+            ray.shutdown()
+    return summary

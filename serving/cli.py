@@ -1,0 +1,132 @@
+"""``mordasr-serve``: restore images over HTTP with Ray Serve replicas of the lean runtime."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mordasr.errors import MordasrError
+from mordasr.runtime.backends import BACKENDS
+from mordasr.serving.requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mordasr-serve: error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder written by mordasr-export (holds manifest.json).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP proxy listens on (0.0.0.0 to accept other machines).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--route", default="/", show_default=True, help="URL prefix of the application.")
+@click.option("--address", default=None,
+              help="Ray cluster to join (e.g. ray://head:10001 or auto) [default: start a local Ray].")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Replicas of the runtime; each holds the bundle's graphs (or engines) once.")
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Ray CPUs reserved per replica.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPU share per replica (e.g. 0.5 puts two replicas on one GPU); 0 on CPU hosts.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
+              help="Runtime backend inside each replica (as mordasr-run --backend).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime threads per graph in each replica [default: --cpus-per-replica, at least 1].")
+@click.option("--bucket-switch", type=click.Choice(["graphs", "refit"]), default=None,
+              help="Folded bundles: as mordasr-run --bucket-switch.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests restored together by one replica (same-size images share graph calls).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a replica waits to fill a batch.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest input image in pixels; larger ones get 413 before their pixels are decoded.")
+@click.option("--tile", type=click.IntRange(min=0), default=None,
+              help="As mordasr-run --tile [default: the bundle profile's largest output / scale].")
+@click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True)
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="Write the service URL to this file once it answers (for scripts and tests).")
+def main(bundle: Path, host: str, port: int, route: str, address: str | None, replicas: int,
+         cpus_per_replica: float, gpus_per_replica: float, backend: str, threads: int | None,
+         bucket_switch: str | None, max_batch_size: int, batch_wait_ms: float, max_bytes: int, max_pixels: int,
+         tile: int | None, color_fix: str, ready_file: Path | None) -> None:
+    """Serve BUNDLE over HTTP: POST an image, get the restored image back.
+
+    \b
+      curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/ -o out.png
+      curl -F image=@photo.jpg 'http://127.0.0.1:8000/?format=webp' -o out.webp
+      curl http://127.0.0.1:8000/healthz
+
+    The body is the image's bytes (image/* or application/octet-stream) or multipart/form-data
+    with an 'image' field. The answer is the restored image (PNG unless ?format= says otherwise),
+    with headers x-mordasr-scores, x-mordasr-bucket and x-request-id. Errors are JSON
+    {"error", "status"}: 413 for a body or image over the limits, 415 for another content type,
+    422 for a corrupt image, 500 for a runtime failure; the replica goes on serving.
+
+    Requests arriving together are batched per replica (--max-batch-size, --batch-wait-ms).
+    Starts a local Ray (or joins --address) and runs until interrupted (Ctrl-C).
+    """
+    logging.basicConfig(level=logging.WARNING)
+    from mordasr.serving.app import ServiceConfig, build_app
+    from mordasr.serving.requests import RequestLimits
+
+    config = ServiceConfig(bundle=str(bundle.resolve()), backend=backend,
+                           threads=threads or max(1, int(cpus_per_replica)), bucket_switch=bucket_switch,
+                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
+                           limits=RequestLimits(max_bytes, max_pixels),
+                           restore={"tile": tile, "color_fix": color_fix})
+    try:
+        app = build_app(config, replicas=replicas, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
+    except (MordasrError, ImportError) as err:
+        _fail(str(err))
+    url = start(app, host, port, route, address)
+    click.echo(f"mordasr-serve: {replicas} replica(s) of {bundle} on {url} (GET {url.rstrip('/')}/healthz); "
+               "Ctrl-C stops", err=True)
+    if ready_file:
+        from mordasr.runtime.atomic import atomic_write
+
+        atomic_write(ready_file, url + "\n")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+
+
+def start(app, host: str, port: int, route: str = "/", address: str | None = None,
+          num_cpus: int | None = None) -> str:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy ``app``; returns its URL."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    quiet = {"log_level": "WARNING"}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(app, name="mordasr", route_prefix=route, blocking=False, logging_config=quiet)
+    return f"http://{host}:{port}{route}"
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,8 +7,6 @@ interrupted export never leaves a half-written bundle where the runtime would fi
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from mordasr.model import OneStepSR
 from mordasr.model.inject import fold_adapters, fuse_adaptir, hybrid_adapters
 from mordasr.runtime.manifest import (MODES, SCORE_FED_MODES, Bucket, GraphSpec, Manifest, TensorSpec,
                                       sha256_file)
+from mordasr.runtime.atomic import atomic_directory
 from mordasr.runtime.routing import BUCKET_RULE
 
 log = logging.getLogger(__name__)
@@ -110,8 +109,7 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
     specs = component_specs(model, gated)
     multiple = lr_multiple(model)
     trace_side = max(16, 2 * multiple)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         graphs = []
         for component, bucket, file, module in _graph_jobs(model, mode, buckets):
             args = example_inputs(model, component, gated, lr_size=trace_side)
@@ -144,12 +142,5 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
             source=dict(source or {}, opset=opset, tensorrt_lint=list(lint_tensorrt)),
             mordasr_version=__version__)
         manifest.write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s bundle with %d graphs to %s", mode, len(graphs), out)
     return manifest

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mordasr.errors import BundleError, MordasrError
-from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.atomic import atomic_directory, atomic_write
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest
 
 PIPELINE_MODEL = "mordasr"
@@ -122,9 +122,7 @@ def write_triton_repository(bundle_dir: str | Path, repo_dir: str | Path, option
     manifest = load_manifest(bundle_dir)
     if repo_dir.exists() and not force:
         raise MordasrError(f"{repo_dir} already exists (pass --force to replace it)")
-    staging = repo_dir.with_name(f".{repo_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_directory(repo_dir) as staging:
         models, batch_limits = {}, []
         for graph in manifest.graphs:
             text, file, max_batch = component_config(manifest, graph, options)
@@ -148,12 +146,6 @@ def write_triton_repository(bundle_dir: str | Path, repo_dir: str | Path, option
         kind = "KIND_GPU" if options.kind == "gpu" else "KIND_CPU"  # the chain's own work is host-side
         atomic_write(staging / PIPELINE_MODEL / "config.pbtxt", pipeline_config(manifest, kind))
         atomic_write(staging / "README.md", _readme(manifest, models))
-        if repo_dir.exists():
-            shutil.rmtree(repo_dir)
-        staging.rename(repo_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(set(models.values())) + [PIPELINE_MODEL]
 
 

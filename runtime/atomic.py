@@ -4,7 +4,10 @@ sibling, then a rename."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,3 +24,20 @@ def atomic_write(path: str | Path, data: bytes | str, mode: int = 0o644) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | Path, mode: int = 0o755) -> Iterator[Path]:
+    """Build a folder in a hidden sibling and rename it into place when the block succeeds
+    (replacing an older one); when it fails, nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield stage
+        stage.chmod(mode)  # mkdtemp makes it private; bundles and repositories are meant to be shared
+        if path.exists():
+            shutil.rmtree(path)
+        stage.rename(path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -96,3 +96,22 @@ def test_resize_matches_size_and_range():
     out = resize(image, 8, 12)
     assert out.shape == (12, 8, 3)
     assert abs(out.mean() - image.mean()) < 0.05
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    from mordasr.runtime.atomic import atomic_directory
+
+    target = tmp_path / "bundle"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as stage:
+            (stage / "half.onnx").write_bytes(b"x")
+            raise RuntimeError("export failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as stage:
+        (stage / "a").write_text("1")
+    (target / "old").write_text("kept until replaced")
+    with atomic_directory(target) as stage:
+        (stage / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

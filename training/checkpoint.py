@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from mordasr.errors import CheckpointError
+from mordasr.runtime.atomic import atomic_directory
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
@@ -58,14 +58,8 @@ def save_state(run_dir: str | Path, step: int, state: dict[str, Any], keep_last:
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:07d}"
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    try:
+    with atomic_directory(target) as stage:
         torch.save(state, stage / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        stage.rename(target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     for _, old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

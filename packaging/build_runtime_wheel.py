@@ -3,7 +3,8 @@
     python packaging/build_runtime_wheel.py -o dist/
 
 The wheel holds ``mordasr`` (version and errors only), ``mordasr.runtime`` and its backends,
-with the ``mordasr-run`` command. It is an alternative to the full ``mordasr`` distribution for
+and ``mordasr.serving`` (Ray imported only when used), with the ``mordasr-run`` and
+``mordasr-serve`` commands. It is an alternative to the full ``mordasr`` distribution for
 devices that only run bundles (a Jetson); install one or the other, not both.
 """
 
@@ -34,12 +35,14 @@ dependencies = ["numpy>=1.24", "pillow>=10.0", "click>=8.1", "tqdm>=4.66", "onnx
 
 [project.optional-dependencies]
 tensorrt = ["tensorrt>=10.0", "cuda-python>=12.0"]
+serve = ["ray[serve,data]>=2.9", "python-multipart>=0.0.9"]
 
 [project.scripts]
 mordasr-run = "mordasr.runtime.cli:main"
+mordasr-serve = "mordasr.serving.cli:main"
 
 [tool.setuptools]
-packages = ["mordasr", "mordasr.runtime", "mordasr.runtime.backends"]
+packages = ["mordasr", "mordasr.runtime", "mordasr.runtime.backends", "mordasr.serving"]
 
 [tool.setuptools.package-data]
 "mordasr.runtime" = ["device_profiles/*.json"]
@@ -54,8 +57,9 @@ def build(out: Path) -> Path:
         (stage / "mordasr").mkdir()
         for name in ("__init__.py", "errors.py"):
             shutil.copy2(ROOT / "mordasr" / name, stage / "mordasr" / name)
-        shutil.copytree(ROOT / "runtime", stage / "mordasr" / "runtime",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for folder in ("runtime", "serving"):
+            shutil.copytree(ROOT / folder, stage / "mordasr" / folder,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (stage / "pyproject.toml").write_text(PYPROJECT.format(version=version))
         (stage / "README.md").write_text("mordasr-runtime: see the mordasr README.\n")
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",

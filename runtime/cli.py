@@ -188,9 +188,9 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
             progress.update(1)
 
     if use_ray:
-        from mordasr.serving.batch import restore_with_ray
-
         try:
+            from mordasr.serving.batch import restore_with_ray
+
             summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
                                        cpus_per_worker=threads or 1, address=address, on_result=report)
         except (MordasrError, ImportError) as err:

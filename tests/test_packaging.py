@@ -24,6 +24,7 @@ def test_runtime_wheel_in_a_fresh_venv(folded_bundle, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mordasr/runtime/pipeline.py" in names and "mordasr/errors.py" in names
     assert "mordasr/runtime/device_profiles/orin-nano-8gb.json" in names
+    assert "mordasr/serving/app.py" in names and "mordasr/runtime/jobs.py" in names
     assert not [n for n in names if n.startswith(("mordasr/model", "mordasr/export", "mordasr/training"))]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -38,6 +39,15 @@ def test_runtime_wheel_in_a_fresh_venv(folded_bundle, tmp_path):
                            str(folded_bundle)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.png").is_file()
+    serve = subprocess.run([str(env_dir / "bin" / "mordasr-serve"), "--help"], capture_output=True, text=True)
+    assert serve.returncode == 0 and "POST an image" in serve.stdout
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((tmp_path / "in.png").read_bytes())
+    no_ray = subprocess.run([str(run), str(folder), "-o", str(tmp_path / "o"), "--bundle", str(folded_bundle),
+                             "--ray"], capture_output=True, text=True, timeout=300)
+    assert no_ray.returncode == 2 and "pip install 'mordasr[serve]'" in no_ray.stderr  # Ray is not installed
+    assert "Traceback" not in no_ray.stderr
     probe = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "None"  # torch is not even installed

@@ -60,10 +60,9 @@ class RestoreService:
         self.config = config
         self.options = RestoreOptions(max_pixels=config.limits.max_pixels, **config.restore)
         self.restorer = Restorer(config.bundle, backend=config.backend, **config.backend_options())
-        self.restore_images.set_max_batch_size(config.max_batch_size)
-        self.restore_images.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.served = 0
-        self.batches: list[int] = []  # sizes of the batches run, for /healthz and tests
+        self.batches = 0  # batches run, and the largest, for /healthz
+        self.largest_batch = 0
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it.
@@ -83,8 +82,7 @@ class RestoreService:
         m = self.restorer.manifest
         return {"status": "ok", "replica": self.replica(), "bundle": self.config.bundle, "mode": m.mode,
                 "precision": m.precision, "preset": m.preset, "scale": m.scale, "backend": self.config.backend,
-                "served": self.served, "batches": len(self.batches),
-                "largest_batch": max(self.batches, default=0)}
+                "served": self.served, "batches": self.batches, "largest_batch": self.largest_batch}
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse, Response
@@ -147,7 +145,8 @@ class RestoreService:
     def _restore_list(self, decoded: list) -> list:
         from mordasr.runtime.jobs import restore_decoded
 
-        self.batches.append(len(decoded))
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(decoded))
         try:
             return restore_decoded(self.restorer, decoded, self.options)
         except Exception:  # one bad image must not fail the others batched with it

@@ -191,6 +191,7 @@ def test_service_health_and_methods(service):
     with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=30) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["mode"] == "folded" and health["scale"] == 4
+    assert {"served", "batches", "largest_batch", "replica"} <= set(health)
     request = urllib.request.Request(url, method="PUT", data=b"x")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)

@@ -62,14 +62,13 @@ def _load(url: str, images: list[bytes], requests: int, concurrency: int) -> dic
     return stats
 
 
-def _direct(bundle: Path, arrays: list[np.ndarray], count: int) -> dict:
+def _direct(bundle: Path, payloads: list[bytes], count: int) -> dict:
     """The same restores, one after another, by the runtime in this process with 1 thread:
     what serving adds (HTTP, Ray, PNG coding) is the difference to the 1x1 row."""
     from mordasr.runtime.jobs import RestoreOptions, restore_bytes
     from mordasr.runtime.pipeline import Restorer
 
     restorer = Restorer(bundle, threads=1)
-    payloads = [_png(a) for a in arrays]
     restore_bytes(restorer, payloads[0], RestoreOptions())  # sessions are created on first use
     start = time.perf_counter()
     for i in range(count):
@@ -97,42 +96,35 @@ def run_serving_benchmark(bundle: Path, configs: list[tuple[int, int]], requests
                           lr_size: int, max_batch_size: int, seed: int = 0, progress=print) -> dict:
     import os
 
-    import ray
     from ray import serve
 
     from mordasr.benchmarks.measure import describe_machine
     from mordasr.runtime.manifest import load_manifest
     from mordasr.serving.app import ServiceConfig, build_app
+    from mordasr.serving.cli import shutdown, start
 
     manifest = load_manifest(bundle)
     rng = np.random.default_rng(seed)
-    arrays = [rng.integers(0, 255, (lr_size, lr_size, 3), dtype=np.uint8) for _ in range(8)]
-    images = [_png(a) for a in arrays]
+    images = [_png(rng.integers(0, 255, (lr_size, lr_size, 3), dtype=np.uint8)) for _ in range(8)]
     progress("timing the runtime in this process (no HTTP, no Ray), 1 thread")
-    direct = _direct(bundle, arrays, min(requests, 16))
+    direct = _direct(bundle, images, min(requests, 16))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cpus = os.cpu_count() or 1
-    ray.init(num_cpus=max(cpus, max(r * t for r, t in configs)), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    cpus = max(os.cpu_count() or 1, max(r * t for r, t in configs))
     rows = []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        url = f"http://127.0.0.1:{port}/"
         for replicas, threads in configs:
             config = ServiceConfig(bundle=str(bundle.resolve()), threads=threads, max_batch_size=max_batch_size)
             progress(f"deploying {replicas} replica(s) x {threads} thread(s)")
-            serve.run(build_app(config, replicas=replicas, num_cpus=threads), name="mordasr", route_prefix="/",
-                      logging_config={"log_level": "WARNING"})
+            url = start(build_app(config, replicas=replicas, num_cpus=threads), "127.0.0.1", port, num_cpus=cpus)
             _load(url, images, 2 * replicas * concurrency, concurrency)  # warm every replica's sessions
             progress(f"loading {replicas}x{threads} with {requests} requests")
             stats = _load(url, images, requests, concurrency)
             rows.append({"replicas": replicas, "threads_per_replica": threads, **stats})
             serve.delete("mordasr")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        shutdown()
     base = rows[0]
     for row in rows:
         row["throughput_vs_first"] = row["requests_per_s"] / base["requests_per_s"]

@@ -95,9 +95,9 @@ def component_config(manifest: Manifest, graph: GraphSpec, options: TritonOption
     max_batch = max_batch if batched else 0
     lines.append(f"max_batch_size: {max_batch}")
     text = "\n".join(lines) + "\n"
-    text += _tensor_block("input", graph.inputs, batched and max_batch > 0)
-    text += _tensor_block("output", graph.outputs, batched and max_batch > 0)
-    if batched and max_batch > 1:
+    text += _tensor_block("input", graph.inputs, max_batch > 0)
+    text += _tensor_block("output", graph.outputs, max_batch > 0)
+    if max_batch > 1:
         text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {options.queue_delay_us}\n}}\n"
     text += f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {kind}\n  }}\n]\n"
     return text, engine.file if engine is not None else graph.file, max_batch

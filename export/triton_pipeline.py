@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mordasr.runtime.jobs import each_or_error
 from mordasr.runtime.pipeline import Restorer
 
 
@@ -44,15 +45,8 @@ class TritonPythonModel:
                 answers[i] = _error(err)
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            try:
-                results = self.restorer.restore_batch([image for _, image in chunk], **self.tiling)
-            except Exception:  # one bad image must not fail the requests batched with it
-                results = []
-                for _, image in chunk:
-                    try:
-                        results.append(self.restorer.restore(image, **self.tiling))
-                    except Exception as err:
-                        results.append(err)
+            results = each_or_error(lambda batch: self.restorer.restore_batch(batch, **self.tiling),
+                                    [image for _, image in chunk])
             for (i, _), result in zip(chunk, results):
                 answers[i] = _error(result) if isinstance(result, Exception) else pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor("restored", result.image),

@@ -19,3 +19,9 @@ class CheckpointError(MordasrError):
 
 class ImageTooLarge(ImageError):
     """An input image has more pixels than allowed (or declares a decompression-bomb size)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

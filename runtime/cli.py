@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mordasr.errors import MordasrError
-from mordasr.runtime.backends import BACKENDS
+from mordasr.runtime.backends import BACKENDS, backend_options
 from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
@@ -160,11 +160,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
         if not quiet:
             click.echo(f"nothing to do: all {len(skipped)} outputs exist")
         return
-    options: dict = {"bucket_switch": bucket_switch}
-    if threads and backend != "tensorrt":
-        options["threads"] = threads
-    if backend == "tensorrt":
-        options["max_engines"] = max_engines
+    options = backend_options(backend, threads, bucket_switch, max_engines)
     job_options = RestoreOptions(tile, tile_overlap, tile_routing, tile_window, color_fix, bit_depth,
                                  not no_alpha, max_pixels)
     failures: list[tuple[Path, str]] = []

@@ -157,9 +157,11 @@ def write_image(path: str | Path, image: np.ndarray, alpha: np.ndarray | None = 
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"{path}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
-    if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
-        raise ImageError(f"{path}: refusing to write an image with NaN or inf values")
-    return atomic_write(path, encode_image(image, fmt, alpha, bit_depth, icc_profile, exif))
+    try:
+        data = encode_image(image, fmt, alpha, bit_depth, icc_profile, exif)
+    except ImageError as err:
+        raise ImageError(f"{path}: {err}") from None
+    return atomic_write(path, data)
 
 
 def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None = None, bit_depth: int = 8,
@@ -173,7 +175,7 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     if fmt not in OUTPUT_FORMATS.values():
         raise ImageError(f"unsupported output format {fmt!r} (use one of {', '.join(sorted(set(OUTPUT_FORMATS.values())))})")
     if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
-        raise ImageError("refusing to encode an image with NaN or inf values")
+        raise ImageError("refusing to write an image with NaN or inf values")
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None

@@ -6,17 +6,20 @@ restored by any of them is byte-for-byte the same for the same bundle and option
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from mordasr.errors import MordasrError
-from mordasr.runtime.atomic import atomic_write
+from mordasr.errors import MordasrError, first_line
 from mordasr.runtime.color import color_fix as color_fix_image
-from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, DecodedImage, decode_image,
-                                    encode_image, read_image_full, upscale_alpha)
+from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image,
+                                    read_image_full, upscale_alpha, write_image)
 from mordasr.runtime.pipeline import Restorer, RestoreResult
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,7 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
     """Restore decoded images; several go through ``Restorer.restore_batch`` together."""
     keep = [d.alpha is not None and options.keep_alpha for d in decoded]
     inputs = [d.rgb if k else d.composited() for d, k in zip(decoded, keep)]
-    if len(inputs) == 1:
-        results = [restorer.restore(inputs[0], **options.tiling)]
-    else:
-        results = restorer.restore_batch(inputs, **options.tiling)
+    results = restorer.restore_batch(inputs, **options.tiling)
     restored = []
     for d, k, image, result in zip(decoded, keep, inputs, results):
         fixed = color_fix_image(result.image, image, options.color_fix)
@@ -75,11 +75,8 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
 
 def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptions) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix."""
-    fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
-    if fmt is None:
-        raise MordasrError(f"{dst}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
     (restored,) = restore_decoded(restorer, [read_image_full(src, max_pixels=options.max_pixels)], options)
-    atomic_write(dst, restored.encode(fmt))
+    write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
     return restored
 
 
@@ -90,9 +87,24 @@ def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt:
     return restored.encode(fmt), restored
 
 
+def each_or_error(restore_many: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
+    """``restore_many(items)``; when it fails, each item alone, so that one bad image of a batch
+    fails by itself and the others batched with it still come back."""
+    try:
+        return restore_many(items)
+    except Exception:
+        results: list[R | Exception] = []
+        for item in items:
+            try:
+                results.extend(restore_many([item]))
+            except Exception as err:
+                results.append(err)
+        return results
+
+
 def failure_reason(src: Path | str, err: Exception) -> str:
     """One line that starts with the file and says why it failed."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     if not isinstance(err, MordasrError):
         reason = f"{src}: {type(err).__name__}: {reason}"
     return reason

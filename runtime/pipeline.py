@@ -137,6 +137,10 @@ class Restorer:
         _check_image(image)
         # 1. router: degradation scores of the whole image (a downscaled view)
         scores = self.scores(image)
+        return self._restore_scored(image, scores, bucket, tile, overlap, tile_routing, window)
+
+    def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None, tile: int | None,
+                        overlap: int | None, tile_routing: bool, window: str) -> RestoreResult:
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
@@ -166,8 +170,7 @@ class Restorer:
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(padded):
             if tile and max(x.shape[-2:]) > tile:
-                results[i] = self.restore(images[i], tile=tile, overlap=overlap, tile_routing=tile_routing,
-                                          window=window)
+                results[i] = self._restore_scored(images[i], scores[i], None, tile, overlap, tile_routing, window)
             else:
                 groups.setdefault((x.shape, buckets[i]), []).append(i)
         for (_, bucket), members in groups.items():

@@ -16,12 +16,6 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {2: 3, 6: 4}  # colour type -> channels
 
 
-def is_png16_color(path: str | Path) -> bool:
-    """True for a PNG file whose header says 16-bit RGB or RGBA."""
-    with open(path, "rb") as f:
-        return is_png16_color_data(f.read(29))
-
-
 def is_png16_color_data(data: bytes) -> bool:
     """True for PNG bytes whose header says 16-bit RGB or RGBA."""
     head = data[:29]

@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mordasr.errors import first_line
 from mordasr.serving.requests import RequestLimits
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -33,12 +34,9 @@ class ServiceConfig:
     restore: dict = field(default_factory=dict)  # RestoreOptions fields (tiling, colour fix, ...)
 
     def backend_options(self) -> dict:
-        options: dict = {"bucket_switch": self.bucket_switch}
-        if self.backend == "tensorrt":
-            options["max_engines"] = self.max_engines
-        elif self.threads:
-            options["threads"] = self.threads
-        return options
+        from mordasr.runtime.backends import backend_options
+
+        return backend_options(self.backend, self.threads, self.bucket_switch, self.max_engines)
 
 
 def _import_ray():
@@ -109,7 +107,7 @@ class RestoreService:
             payload = await asyncio.get_running_loop().run_in_executor(None, restored.encode, fmt)
         except Exception as err:  # every failure is answered, with its reason, and the replica goes on
             status = status_for(err)
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = first_line(err)
             if status == 500:
                 message = f"{type(err).__name__}: {message}"
             return JSONResponse({"error": message, "status": status, "request_id": request_id},
@@ -143,21 +141,11 @@ class RestoreService:
         return await asyncio.get_running_loop().run_in_executor(None, self._restore_list, decoded)
 
     def _restore_list(self, decoded: list) -> list:
-        from mordasr.runtime.jobs import restore_decoded
+        from mordasr.runtime.jobs import each_or_error, restore_decoded
 
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(decoded))
-        try:
-            return restore_decoded(self.restorer, decoded, self.options)
-        except Exception:  # one bad image must not fail the others batched with it
-            results = []
-            for image in decoded:
-                try:
-                    results.extend(restore_decoded(self.restorer, [image], self.options))
-                except Exception as err:
-                    results.append(err)
-            return results
-
+        return each_or_error(lambda items: restore_decoded(self.restorer, items, self.options), decoded)
 
 def build_app(config: ServiceConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               max_ongoing_requests: int | None = None):

@@ -21,6 +21,18 @@ class Backend(Protocol):
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def backend_options(backend: str, threads: int | None = None, bucket_switch: str | None = None,
+                    max_engines: int | None = None) -> dict:
+    """``Restorer`` backend options from the knobs every front end offers (unset ones follow the
+    bundle's device profile)."""
+    options: dict = {"bucket_switch": bucket_switch}
+    if backend == "tensorrt":
+        options["max_engines"] = max_engines
+    elif threads:
+        options["threads"] = threads
+    return options
+
+
 def create_backend(name: str, manifest: Manifest, bundle_dir: str | Path, **options) -> Backend:
     if name in ORT_BACKENDS:
         from mordasr.runtime.backends.onnxruntime import OnnxRuntimeBackend

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mordasr.errors import BundleError, MordasrError
+from mordasr.errors import BundleError, MordasrError, first_line
 from mordasr.runtime.manifest import GraphSpec, Manifest
 from mordasr.runtime.weight_packs import load_weight_pack
 
@@ -106,7 +106,7 @@ class OnnxRuntimeBackend:
         try:
             return self.ort.InferenceSession(str(self.bundle_dir / file), options, providers=self.providers)
         except Exception as err:  # ORT raises its own exception types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise BundleError(f"cannot load {file}: {first}; re-export the bundle") from None
 
     def session(self, graph: GraphSpec):

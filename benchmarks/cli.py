@@ -11,12 +11,10 @@ from pathlib import Path
 import click
 
 from mordasr.benchmarks.runner import BACKENDS, PRECISIONS, VARIANTS, BenchConfig
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 
-
-def _fail(message: str) -> None:
-    click.echo(f"mordasr-bench: error: {message}", err=True)
-    sys.exit(2)
+_fail = failer("mordasr-bench")
 
 
 def _split(text: str, allowed, what: str) -> tuple[str, ...]:
@@ -61,7 +59,8 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
-         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops, seed, quiet):
+         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops,
+         seed, quiet):
     """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA, AdaptIR and PyTorch eager.
 
     Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,

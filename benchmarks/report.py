@@ -92,7 +92,8 @@ def markdown(results: dict, plots: list[str]) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; "
              f"GPU: {m.get('gpu') or 'none'}; onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
              f"tensorrt {m.get('tensorrt') or 'not installed'}.",
-             f"Backend: {results['backend']}. Image: {results['config']['lr_size']} px LR, x{results['config']['scale']}. "
+             f"Backend: {results['backend']}. "
+             f"Image: {results['config']['lr_size']} px LR, x{results['config']['scale']}. "
              f"{results['config']['iterations']} timed runs after {results['config']['warmup']} warm-up runs. "
              f"Total adapter rank {results['config']['total_rank']}; adapters trained "
              f"{results['config']['train_steps']} steps each.",
@@ -101,7 +102,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += ["**Random weights** (sd21 without local weights): latency and memory are real, "
                   "fidelity figures mean nothing.", ""]
     lines += ["## Variants", "",
-              "| variant | precision | p50 ms | p95 ms | p99 ms | img/s | overhead | peak RSS MiB | size MiB | export s "
+              "| variant | precision | p50 ms | p95 ms | p99 ms | img/s | overhead | peak RSS MiB | size MiB "
+              "| export s "
               "| PSNR vs FP32 torch | SSIM vs FP32 torch | PSNR vs HR | SSIM vs HR |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
@@ -116,7 +118,8 @@ def markdown(results: dict, plots: list[str]) -> str:
     adapted = [r for r in results["variants"] if r.get("adapter_params")]
     if adapted:
         lines += ["", "## Adapters compared (same base, same training budget)", "",
-                  "| variant | precision | adapter parameters | PSNR vs HR | SSIM vs HR | p50 ms |", "|---|---|---|---|---|---|"]
+                  "| variant | precision | adapter parameters | PSNR vs HR | SSIM vs HR | p50 ms |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['precision']} | {r['adapter_params']:,} | {_fmt(r['psnr_vs_hr'])} | "
                   f"{_fmt(r['ssim_vs_hr'], 4)} | {_fmt(r['latency']['p50_ms'])} |" for r in adapted]
     lines += ["", "## Components (raw session time)", "",
@@ -185,7 +188,8 @@ def _html(md: str, plots: list[str], out: Path) -> str:
         body.append(f'<p><img alt="{p}" src="data:image/png;base64,{data}"></p>')
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    head = f"<head><meta charset='utf-8'><style>{style}</style></head>"
+    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>\n"
 
 
 def write_report(results: dict, out: Path) -> list[Path]:

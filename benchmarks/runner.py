@@ -63,7 +63,7 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
     """The adapted models the variants need: same base, same training budget; MoR and dense LoRA
     also share the total rank (AdaptIR's size follows its own width ratio)."""
     from mordasr.model.io import load_checkpoint, tiny_base_path
-    from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+    from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     models = {}
     wanted = {VARIANTS[v][0] for v in cfg.variants}
@@ -94,7 +94,7 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
 def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(LR, HR) pairs: held-out photographs, centre crops, two fixed degradation strengths."""
     from mordasr.training.data import HELDOUT_IMAGES, load_sample_image
-    from mordasr.training.degrade import Degradation, degrade
+    from mordasr.training.synthetic import Degradation, degrade
 
     degradations = [Degradation(blur_sigma=1.0, noise_sigma=4 / 255, jpeg_quality=80),
                     Degradation(blur_sigma=2.0, noise_sigma=12 / 255, jpeg_quality=40)]
@@ -188,7 +188,7 @@ def bucket_sweep(model, pairs, counts, seed: int = 0) -> list[dict]:
 
 
 def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
-    from mordasr.calib.bundle import build_precision_bundle
+    from mordasr.calib.precision_bundle import build_precision_bundle
     from mordasr.calib.data import synthetic_images
     from mordasr.export.buckets import default_buckets
     from mordasr.export.bundle import export_bundle

@@ -130,7 +130,8 @@ def run_serving_benchmark(bundle: Path, configs: list[tuple[int, int]], requests
         row["throughput_vs_first"] = row["requests_per_s"] / base["requests_per_s"]
         if "p50_ms" in row and "p50_ms" in base:
             row["p50_vs_first"] = row["p50_ms"] / base["p50_ms"]
-    return {"direct": direct, "bundle": str(bundle), "preset": manifest.preset, "mode": manifest.mode, "precision": manifest.precision,
+    return {"direct": direct, "bundle": str(bundle), "preset": manifest.preset, "mode": manifest.mode,
+            "precision": manifest.precision,
             "lr_size": lr_size, "output_size": lr_size * manifest.scale, "requests": requests,
             "concurrency": concurrency, "max_batch_size": max_batch_size, "machine": describe_machine(),
             "rows": rows}
@@ -145,7 +146,8 @@ def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
              f"max batch {results['max_batch_size']} per replica; ONNX Runtime on the CPU. "
              f"Machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cores', '?')} cores.", "",
              f"Runtime alone (this process, 1 thread, decode + restore + PNG encode, one after another): "
-             f"{results['direct']['requests_per_s']:.2f} requests/s, {results['direct']['ms_per_request']:.0f} ms each.",
+             f"{results['direct']['requests_per_s']:.2f} requests/s, "
+             f"{results['direct']['ms_per_request']:.0f} ms each.",
              "",
              "| replicas | threads/replica | requests/s | x first | p50 ms | p95 ms | p99 ms | errors |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]

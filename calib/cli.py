@@ -11,8 +11,10 @@ from pathlib import Path
 import click
 
 from mordasr.calib.int8 import CALIBRATION_METHODS, DEFAULT_KEEP_FLOAT
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 
+_fail = failer("mordasr-calib")
 
 DEFAULT_CALIB_IMAGES = 32
 DEFAULT_EVAL_IMAGES = 4
@@ -32,11 +34,6 @@ def precision_map_options(overrides: str):
     return decorate
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"mordasr-calib: error: {message}", err=True)
-    sys.exit(code)
-
-
 def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | None, calib_images: int,
               calib_dir: Path | None, method: str, smoothquant: bool, keep_float: tuple[str, ...],
               min_psnr: float | None, eval_images: int, seed: int, force: bool, quiet: bool,
@@ -48,8 +45,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     """
     from tqdm import tqdm
 
-    from mordasr.calib.bundle import (build_precision_bundle, bundle_precision, component_precisions,
-                                      load_fp32_manifest)
+    from mordasr.calib.precision_bundle import build_precision_bundle, bundle_precision, component_precisions, load_fp32_manifest
     from mordasr.calib.data import folder_images, synthetic_images
     from mordasr.calib.report import accuracy_report, failing_rows, format_table, write_report
     from mordasr.model.io import load_checkpoint
@@ -153,7 +149,7 @@ def main(bundle: Path, out: Path, precision: str, component_precision: str | Non
     and SSIM against the FP32 PyTorch output and against the HR image, cosine similarity of the
     UNet output, and the max abs error.
     """
-    from mordasr.calib.bundle import parse_precision_map
+    from mordasr.calib.precision_bundle import parse_precision_map
 
     logging.basicConfig(level=logging.ERROR)
     try:

@@ -41,8 +41,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, feeds: Sequence[
                   *, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT, method: str = "minmax",
                   smoothquant: bool = False) -> onnx.ModelProto:
     """Quantize one graph from calibration feeds; returns the Q/DQ model written to ``out_path``."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
         raise ValueError("no calibration data for this graph")

@@ -22,7 +22,7 @@ from mordasr.runtime.pipeline import Restorer
 
 def evaluation_set(count: int, scale: int, crop: int = 128, seed: int = 1234):
     from mordasr.training.data import CropSampler, sample_images
-    from mordasr.training.degrade import degraded_batch
+    from mordasr.training.synthetic import degraded_batch
 
     rng = np.random.default_rng(seed)
     hr = CropSampler(sample_images("heldout"), crop, seed).sample(count)
@@ -88,10 +88,12 @@ def accuracy_report(model: OneStepSR, bundles: dict[str, str | Path], eval_image
                 for k, v in metrics.items():
                     sums[p].setdefault(k, []).append(v)
         for p, values in sums.items():
-            row = {"bucket": bucket, "label": first.manifest.buckets[bucket].label if bucket is not None else first.manifest.mode,
+            label = first.manifest.buckets[bucket].label if bucket is not None else first.manifest.mode
+            row = {"bucket": bucket, "label": label,
                    "precision": p, "images": len(lrs)}
             for k, v in values.items():
-                row[k] = float(np.max(v)) if k == "max_abs_error" else float(np.min(v)) if k == "finite" else float(np.mean(v))
+                reduce = {"max_abs_error": np.max, "finite": np.min}.get(k, np.mean)
+                row[k] = float(reduce(v))
             rows.append(row)
     return rows
 

@@ -17,7 +17,7 @@ def calibration_scores(model: OneStepSR, samples: int = 256, crop: int = 128, se
     """Estimator scores (samples, D) of degraded crops of the training photographs."""
     from mordasr.training.common import nchw
     from mordasr.training.data import CropSampler, sample_images
-    from mordasr.training.degrade import degraded_batch
+    from mordasr.training.synthetic import degraded_batch
 
     rng = np.random.default_rng(seed)
     sampler = CropSampler(sample_images("train"), crop, seed)

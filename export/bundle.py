@@ -12,16 +12,22 @@ from pathlib import Path
 
 from mordasr import __version__
 from mordasr.errors import MordasrError
-from mordasr.export.graphs import (DecoderGraph, EncoderGraph, RouterGraph, UNetGraph,
-                                   component_specs, example_inputs, lr_multiple)
+from mordasr.export.graphs import (
+    DecoderGraph,
+    EncoderGraph,
+    RouterGraph,
+    UNetGraph,
+    component_specs,
+    example_inputs,
+    lr_multiple,
+)
 from mordasr.export.lint import TENSORRT_MAJORS, check_bundle_graphs
 from mordasr.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_onnx, io_specs
-from mordasr.export.weight_packs import write_weight_packs
+from mordasr.export.pack_writer import write_weight_packs
 from mordasr.model import OneStepSR
 from mordasr.model.inject import fold_adapters, fuse_adaptir, hybrid_adapters
-from mordasr.runtime.manifest import (MODES, SCORE_FED_MODES, Bucket, GraphSpec, Manifest, TensorSpec,
-                                      sha256_file)
 from mordasr.runtime.atomic import atomic_directory
+from mordasr.runtime.manifest import MODES, SCORE_FED_MODES, Bucket, GraphSpec, Manifest, TensorSpec, sha256_file
 from mordasr.runtime.routing import BUCKET_RULE
 
 log = logging.getLogger(__name__)

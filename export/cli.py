@@ -12,13 +12,11 @@ import click
 
 from mordasr.calib.cli import precision_map_options
 from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.manifest import MODES
 
-
-def _fail(message: str) -> None:
-    click.echo(f"mordasr-export: error: {message}", err=True)
-    sys.exit(2)
+_fail = failer("mordasr-export")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,23 +100,24 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     upsample + VAE encoder, latent mean), unet (t and text conditioning baked in), decoder.
     Each graph is constant-folded, slimmed, checked by onnx.checker with shape inference, and
     linted against the ONNX operators TensorRT 10 and 11 parse. Every bundle also gets
-    build_engines.sh (trtexec lines for the target device); --engines builds here when TensorRT
+    build_engines.sh (Polygraphy builds on the target device, trtexec as a fallback) and
+    verify_engines.sh (each engine against ONNX Runtime); --engines builds here when TensorRT
     imports. The memory the bundle needs at --max-size (weights, activations per graph) is
     printed and kept in the manifest; with --device it must fit the device's budget.
     """
     logging.basicConfig(level=logging.WARNING)
     from tqdm import tqdm
 
-    from mordasr.calib.bundle import parse_precision_map
+    from mordasr.calib.precision_bundle import parse_precision_map
     from mordasr.export.buckets import default_buckets, grid_buckets
     from mordasr.export.bundle import MODES_BY_ADAPTER, check_mode, default_profile, export_bundle
     from mordasr.export.device_plan import device_record, fit_to_device, make_plan
-    from mordasr.export.engines import EngineOptions, build_engines
-    from mordasr.export.tensorrt_config import parse_size
-    from mordasr.export.trtexec import write_trtexec_script
+    from mordasr.export.engine_script import write_engine_scripts
+    from mordasr.export.engines import build_engines
     from mordasr.model.io import load_checkpoint
     from mordasr.runtime.devices import load_device_profile
     from mordasr.runtime.manifest import load_manifest
+    from mordasr.runtime.trt_settings import EngineOptions, parse_size
 
     written: list[Path] = []
     if triton_dir is not None and triton_dir.exists() and not force:
@@ -191,7 +190,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             bundle_manifest = load_manifest(path)
             path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
             replace(bundle_manifest, device=device_record(plan, switch), memory=path_estimate.to_dict()).write(path)
-            write_trtexec_script(path, load_manifest(path), engine_options)
+            write_engine_scripts(path, load_manifest(path), engine_options)
         written = []  # complete bundles from here on: an engine build failure keeps them
         if build_now:
             for path in [fp32_out] + ([out] if headline else []):
@@ -210,7 +209,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                        + f"; accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
         click.echo(f"wrote {fp32_out}: {manifest.mode} {manifest.adapter} bundle, "
                    f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s), "
-                   f"{len(manifest.weight_packs)} weight packs, build_engines.sh")
+                   f"{len(manifest.weight_packs)} weight packs, build_engines.sh, verify_engines.sh")
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
         click.echo(estimate.table())

@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from mordasr.errors import MordasrError
-from mordasr.export.tensorrt_config import profile_shapes
 from mordasr.runtime.manifest import GraphSpec, Manifest
+from mordasr.runtime.trt_settings import profile_shapes
 
 MIB = 1 << 20
 # Fixed cost of each loaded graph beyond its tensors (measured: an ONNX Runtime CPU session of the
@@ -165,7 +165,8 @@ class MemoryEstimate:
                 "packs_mib": round(self.pack_bytes / MIB, 1),
                 "overhead_mib": round(self.overhead / MIB, 1), "total_mib": round(self.total / MIB, 1),
                 "held": self.held,
-                "per_graph_mib": {k: {"weights": round(g.weights / MIB, 2), "activations": round(g.activations / MIB, 2)}
+                "per_graph_mib": {k: {"weights": round(g.weights / MIB, 2),
+                                      "activations": round(g.activations / MIB, 2)}
                                   for k, g in self.graphs.items()}}
 
     def table(self) -> str:
@@ -178,7 +179,8 @@ class MemoryEstimate:
         if self.pack_bytes:
             lines.append(f"  {'packs':<12} {self.pack_bytes / MIB:>12.1f} {'':>16}  host copy for refit")
         lines.append(f"  total {self.total / MIB:.1f} MiB (weights {self.weights / MIB:.1f}, activations "
-                     f"{self.activations / MIB:.1f}, {len(self.held)} graphs' runtime overhead {self.overhead / MIB:.0f})")
+                     f"{self.activations / MIB:.1f}, {len(self.held)} graphs' runtime overhead "
+                     f"{self.overhead / MIB:.0f})")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -186,10 +188,11 @@ class MemoryEstimate:
 def estimate_bundle(bundle_dir: str | Path, manifest: Manifest, output_size: str | int | tuple[int, int],
                     bucket_switch: str = "graphs", max_engines: int | None = None) -> MemoryEstimate:
     """What ``manifest``'s bundle holds at once when restoring ``output_size`` pixels (h, w)."""
-    from mordasr.export.tensorrt_config import parse_size
+    from mordasr.runtime.trt_settings import parse_size
 
     bundle_dir = Path(bundle_dir)
-    hw = parse_size(f"{output_size[1]}x{output_size[0]}") if isinstance(output_size, tuple) else parse_size(output_size)
+    text = f"{output_size[1]}x{output_size[0]}" if isinstance(output_size, tuple) else output_size
+    hw = parse_size(text)
     size = f"{hw[1]}x{hw[0]}"
     primary = manifest.primary_graphs
     graphs = {}

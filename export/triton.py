@@ -182,7 +182,8 @@ def validate_repository(repo_dir: str | Path) -> list[str]:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError:
-        raise MordasrError("validating a Triton repository needs tritonclient[grpc]: pip install 'mordasr[serve]'") from None
+        raise MordasrError("validating a Triton repository needs tritonclient[grpc]: "
+                           "pip install 'mordasr[serve]'") from None
     repo_dir = Path(repo_dir)
     problems: list[str] = []
     configs = sorted(repo_dir.glob("*/config.pbtxt"))
@@ -252,7 +253,8 @@ def _check_against_onnx(config, model_file: Path, pb) -> list[str]:
             ttype = value.type.tensor_type
             want = ONNX_TYPES.get(ttype.elem_type)
             if pb.DataType.Name(tensor.data_type) != want:
-                problems.append(f"{kind} {value.name}: data_type {pb.DataType.Name(tensor.data_type)}, graph has {want}")
+                problems.append(f"{kind} {value.name}: data_type {pb.DataType.Name(tensor.data_type)}, "
+                                f"graph has {want}")
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
             if config.max_batch_size > 0:
                 if not dims or dims[0] != -1:

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 
-
-def _fail(message: str) -> None:
-    click.echo(f"mordasr-triton: error: {message}", err=True)
-    sys.exit(2)
+_fail = failer("mordasr-triton")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -131,28 +131,31 @@ def _tiny() -> ModelConfig:
     return ModelConfig(
         preset="tiny",
         scale=4,
-        vae=dict(in_channels=3, out_channels=3,
-                 down_block_types=("DownEncoderBlock2D",) * 3,
-                 up_block_types=("UpDecoderBlock2D",) * 3,
-                 # 16 latent channels at /4: a VAE this small trained for minutes reconstructs
-                 # at 25.9 dB with 4 channels (below bicubic x4), so it gets a wider latent.
-                 block_out_channels=(32, 48, 48), layers_per_block=1, latent_channels=16,
-                 norm_num_groups=16, sample_size=64),
-        unet=dict(sample_size=16, in_channels=16, out_channels=16, layers_per_block=1,
-                  block_out_channels=(32, 64),
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
+        # Memory linear in pixels: no attention in the autoencoder and, in the UNet, only in the
+        # mid block at 1/8 of the latent grid (1/16 of the output). A /2 latent of 8 channels (8
+        # values per 12 pixel values) lets an autoencoder this small reconstruct held-out
+        # photographs above 32 dB; model/tiny_vae.py says why it is not diffusers' AutoencoderKL.
+        vae=dict(type="tiny", in_channels=3, out_channels=3, latent_channels=8,
+                 block_out_channels=(32, 48), layers_per_block=(1, 2)),
+        unet=dict(sample_size=32, in_channels=8, out_channels=8, layers_per_block=1,
+                  block_out_channels=(48, 64, 96, 96),
+                  down_block_types=("DownBlock2D",) * 4,
+                  up_block_types=("UpBlock2D",) * 4,
+                  mid_block_type="UNetMidBlock2DCrossAttn",
+                  cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16),
         clip_vision=dict(type="conv", width=32),
         clip_embed_dim=32,
         clip_model_name=None,
-        router_image_size=32,
+        router_image_size=64,
         text_tokens=4,
         latent_scale=1.0,
         # A tiny UNet trained from scratch cannot predict noise precisely enough for the x0
-        # step at t=999, which divides its error by sqrt(a_999) = 0.068 (x14.6); at t=200 the
-        # division is by 0.87. Same update, same graphs, constants read from the manifest.
-        timestep=200,
+        # step at t=999, which divides its error by sqrt(a_999) = 0.068 (x14.6). At t=10,
+        # z_h = 1.005 z_l - 0.099 eps: the latent passes through nearly unchanged (the UNet's
+        # GroupNorms could not carry a tile's mean colour through eps) and the UNet, whose
+        # output convolution starts at zero, learns the correction. Same update, same graphs,
+        # constants read from the manifest.
+        timestep=10,
         # CLIP's logit scale of 100 saturates the score sigmoid of an estimator fitted from
         # scratch (its BCE stalled above 1.0 here); 10 lets the tiny tower learn.
         temperature=10.0,

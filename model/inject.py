@@ -8,8 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mordasr.model.adapters import (AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLayer,
-                                    MoRLinear, RoutingContext)
+from mordasr.model.adapters import AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLayer, MoRLinear, RoutingContext
 from mordasr.model.config import AdapterConfig
 
 

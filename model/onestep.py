@@ -15,7 +15,7 @@ from torch import nn
 
 from mordasr.model.adapters import RoutingContext
 from mordasr.model.config import ModelConfig
-from mordasr.model.degradation import DegradationEstimator, build_vision_tower
+from mordasr.model.estimator import DegradationEstimator, build_vision_tower
 from mordasr.model.inject import adapter_layers, inject_adapters, inject_adaptir
 from mordasr.model.resample import bicubic_upsample
 from mordasr.model.scheduler import one_step_schedule
@@ -24,10 +24,12 @@ from mordasr.model.scheduler import one_step_schedule
 class OneStepSR(nn.Module):
     def __init__(self, config: ModelConfig, with_adapters: bool = True) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
+
+        from mordasr.model.tiny_vae import build_vae
 
         self.config = config
-        self.vae = AutoencoderKL(**config.vae)
+        self.vae = build_vae(config.vae)
         self.unet = UNet2DConditionModel(**config.unet)
         text = torch.randn(config.num_degradations, 2, config.clip_embed_dim)
         self.estimator = DegradationEstimator(
@@ -52,7 +54,8 @@ class OneStepSR(nn.Module):
             self.has_adapters = True
             self.freeze_base()
             return names
-        names = ["vae.encoder." + n for n in inject_adapters(self.vae.encoder, cfg.encoder_targets, cfg, d, self.routing)]
+        encoder = inject_adapters(self.vae.encoder, cfg.encoder_targets, cfg, d, self.routing)
+        names = ["vae.encoder." + n for n in encoder]
         if getattr(self.vae, "quant_conv", None) is not None:
             names += ["vae." + n for n in inject_adapters(self.vae, ("quant_conv",), cfg, d, self.routing)]
         names += ["unet." + n for n in inject_adapters(self.unet, cfg.unet_targets, cfg, d, self.routing)]

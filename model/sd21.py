@@ -17,7 +17,7 @@ import torch
 
 from mordasr.errors import CheckpointError
 from mordasr.model.config import preset_config
-from mordasr.model.degradation import DegradationEstimator, text_embeddings_from_clip
+from mordasr.model.estimator import DegradationEstimator, text_embeddings_from_clip
 from mordasr.model.onestep import OneStepSR
 
 log = logging.getLogger(__name__)

@@ -51,15 +51,15 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     import torch
     from PIL import Image
 
-    from mordasr.export.buckets import default_buckets
     from mordasr.errors import MordasrError
+    from mordasr.export.buckets import default_buckets
     from mordasr.export.bundle import check_mode, default_mode, export_bundle
     from mordasr.model.io import load_checkpoint, tiny_base_path
     from mordasr.runtime import Restorer
     from mordasr.runtime.images import read_image, write_image
     from mordasr.training.data import load_sample_image
-    from mordasr.training.degrade import Degradation, degrade
-    from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+    from mordasr.training.synthetic import Degradation, degrade
+    from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     mode = mode or default_mode(adapter)
     try:

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import click
 
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import BACKENDS, backend_options
 from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image
 
+_fail = failer("mordasr-run")
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
-
-
-def _fail(message: str) -> None:
-    click.echo(f"mordasr-run: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
 
 
 def _output_suffix(path: Path) -> str:

@@ -97,7 +97,8 @@ class DeviceProfile:
         for cc in self.compute_capabilities:
             if not re.fullmatch(r"\d+\.\d+", str(cc)):
                 fail(f"compute capability {cc!r} is not MAJOR.MINOR")
-        if set(self.sizes) != {"min", "opt", "max"} or not 0 < self.sizes["min"] <= self.sizes["opt"] <= self.sizes["max"]:
+        sizes = self.sizes
+        if set(sizes) != {"min", "opt", "max"} or not 0 < sizes["min"] <= sizes["opt"] <= sizes["max"]:
             fail("sizes needs min <= opt <= max output pixels")
         if set(self.precision) != set(COMPONENT_NAMES):
             fail(f"precision needs one entry per component: {', '.join(COMPONENT_NAMES)}")

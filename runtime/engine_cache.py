@@ -4,7 +4,7 @@ A plan runs only on the GPU compute capability and TensorRT version it was built
 does what its bundle's graphs did at the precision and shape profile it was built for. The key
 holds all five (plus refittability), so a changed bundle, a JetPack upgrade or another GPU is a
 miss, never a wrong engine. A miss is rebuilt where TensorRT imports; elsewhere the caller gets
-one line with the trtexec command. The timing cache is kept per device (compute capability and
+one line with the bundle's build command for that graph. The timing cache is kept per device (compute capability and
 TensorRT version) and shared by every bundle built there. No TensorRT import in this module.
 """
 
@@ -123,23 +123,23 @@ class EngineCache:
 
 
 def resolve_engine(cache: EngineCache, key: EngineKey, build: Callable[[], bytes] | None,
-                   trtexec_hint: str) -> Path:
+                   build_hint: str) -> Path:
     """The cached plan for ``key``; on a miss, ``build()`` it and cache it, or, where nothing can
-    build (``build`` is None: TensorRT does not import), raise with the trtexec command."""
+    build (``build`` is None: TensorRT does not import), raise with the build command."""
     hit = cache.lookup(key)
     if hit is not None:
         return hit
     reason = cache.why_missed(key)
     if build is None:
         raise BundleError(f"{reason}, and TensorRT does not import here to rebuild it; build it with: "
-                          f"{trtexec_hint}")
+                          f"{build_hint}")
     start = time.perf_counter()
     plan = build()
     return cache.store(key, plan, time.perf_counter() - start)
 
 
-def trtexec_hint(bundle_dir: str | Path, graph_file: str) -> str:
-    """The bundle's ``build_engines.sh`` line for one graph (the exact trtexec build), or the script."""
+def build_hint(bundle_dir: str | Path, graph_file: str) -> str:
+    """The bundle's ``build_engines.sh`` line for one graph (its exact build), or the script."""
     script = Path(bundle_dir) / "build_engines.sh"
     if script.is_file():
         for line in script.read_text().splitlines():

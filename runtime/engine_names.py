@@ -8,6 +8,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mordasr.errors import MordasrError
 from mordasr.runtime.manifest import GraphSpec
@@ -65,14 +66,14 @@ class LRUCache:
     """At most ``capacity`` loaded items; the least recently used one is closed to make room
     (``--max-engines``: a Jetson cannot hold every bucket's engine at once)."""
 
-    def __init__(self, capacity: int, close: Callable[[object], None] = lambda item: None) -> None:
+    def __init__(self, capacity: int, close: Callable[[Any], None] = lambda item: None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.close = close
-        self._items: OrderedDict[str, object] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
 
-    def get(self, key: str, load: Callable[[], object]):
+    def get(self, key: str, load: Callable[[], Any]) -> Any:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
@@ -85,6 +86,12 @@ class LRUCache:
 
     def keys(self) -> list[str]:
         return list(self._items)
+
+    def clear(self) -> None:
+        """Close every item (least recently used first)."""
+        while self._items:
+            _, old = self._items.popitem(last=False)
+            self.close(old)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -173,7 +173,8 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     8-bit); the ICC profile and EXIF are kept where the format allows.
     """
     if fmt not in OUTPUT_FORMATS.values():
-        raise ImageError(f"unsupported output format {fmt!r} (use one of {', '.join(sorted(set(OUTPUT_FORMATS.values())))})")
+        known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
+        raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
     if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
         raise ImageError("refusing to write an image with NaN or inf values")
     if alpha is not None and fmt not in ALPHA_FORMATS:

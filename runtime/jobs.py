@@ -15,8 +15,15 @@ import numpy as np
 
 from mordasr.errors import MordasrError, first_line
 from mordasr.runtime.color import color_fix as color_fix_image
-from mordasr.runtime.images import (DEFAULT_MAX_PIXELS, DecodedImage, decode_image, encode_image,
-                                    read_image_full, upscale_alpha, write_image)
+from mordasr.runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    decode_image,
+    encode_image,
+    read_image_full,
+    upscale_alpha,
+    write_image,
+)
 from mordasr.runtime.pipeline import Restorer, RestoreResult
 
 T, R = TypeVar("T"), TypeVar("R")

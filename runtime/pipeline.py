@@ -217,37 +217,20 @@ class Restorer:
 
     def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
                        overlap: int | None, tile_routing: bool, window: str) -> np.ndarray:
-        """The same six steps over overlapping tiles: encoder on LR tiles, UNet and decoder on
-        the matching latent tiles, each blended into a full-size buffer."""
-        m, f = self.manifest.lr_multiple, self.manifest.latent_downsample
-        lat = self.scale / f  # latent pixels per LR pixel
+        """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended
+        into one output buffer: nothing full-size but the output (memory linear in pixels)."""
+        m = self.manifest.lr_multiple
         tile = max(m, tile // m * m)
         overlap = (tile // 4 if overlap is None else overlap) // m * m
         overlap = min(overlap, tile - m)
-        routes: dict[tuple[int, int], tuple[int | None, np.ndarray]] = {}
 
-        def route_at(y0: int, x0: int) -> tuple[int | None, np.ndarray]:
+        def restore_tile(t: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
             if not tile_routing:
-                return bucket, score_feed
-            if (y0, x0) not in routes:
-                view = x[0, :, y0:y0 + tile, x0:x0 + tile].transpose(1, 2, 0)
-                tile_scores = self.scores(view)
-                routes[(y0, x0)] = (self.route(tile_scores), tile_scores[None].astype(np.float32))
-            return routes[(y0, x0)]
+                return self._restore_whole(t, bucket, score_feed)
+            tile_scores = self.scores(t[0].transpose(1, 2, 0))
+            return self._restore_whole(t, self.route(tile_scores), tile_scores[None].astype(np.float32))
 
-        def encoder(t, origin):
-            b, feed = route_at(*origin)
-            return self._run("encoder", b, image=t, scores=feed)
-
-        def unet(t, origin):
-            b, feed = route_at(round(origin[0] / lat), round(origin[1] / lat))
-            return self._run("unet", b, latent=t, scores=feed)
-
-        lt, lo, lm = round(tile * lat), round(overlap * lat), round(m * lat)
-        z_l = tiled_apply(encoder, x, tile, overlap, lat, m, window)
-        eps = tiled_apply(unet, z_l, lt, lo, 1, lm, window)
-        z_h = ((z_l - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha).astype(np.float32)
-        return tiled_apply(lambda t, _o: self._run("decoder", None, latent=t), z_h, lt, lo, f, lm, window)
+        return tiled_apply(restore_tile, x, tile, overlap, self.scale, m, window)
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -1,11 +1,11 @@
 """Overlapping tiles and seam-free blending, for inputs larger than a graph's profile.
 
-A component maps an input (N, C, H, W) to an output whose sides are ``factor`` times the input's
-(encoder: scale / latent downsample; UNet: 1; decoder: latent downsample). ``tiled_apply`` runs it
-on overlapping input tiles whose origins and sizes are multiples of ``multiple``, weights every
-output tile with a smooth window (Gaussian, or linear ramps) and divides by the summed weights,
-so overlaps blend without seams and an identity component reproduces its input. Working memory is
-one tile's input and output plus the two full-size accumulators.
+A function maps an input (N, C, H, W) to an output whose sides are ``factor`` times the input's
+(the whole restore: the scale). ``tiled_apply`` runs it on overlapping input tiles whose origins
+and sizes are multiples of ``multiple``, weights every output tile with a smooth window (Gaussian,
+or linear ramps) and divides by the summed weights, so overlaps blend without seams and an
+identity function reproduces its input. Working memory is one tile's run plus two float32
+accumulators of the output's size (16 bytes per output pixel for RGB): linear in pixels.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def tiled_apply(fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.n
         x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
     out_h, out_w = round((height + pad_h) * factor), round((width + pad_w) * factor)
     acc = None
-    weights = np.zeros((out_h, out_w), dtype=np.float64)
+    weights = np.zeros((out_h, out_w), dtype=np.float32)
     total = len(ys) * len(xs)
     done = 0
     for y0 in ys:
@@ -79,13 +79,13 @@ def tiled_apply(fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.n
             out = fn(np.ascontiguousarray(x[:, :, y0:y0 + tile_h, x0:x0 + tile_w]), (y0, x0))
             oh, ow = out.shape[-2:]
             oy, ox = round(y0 * factor), round(x0 * factor)
-            w = window(oh, ow, kind)
+            w = window(oh, ow, kind).astype(np.float32)
             if acc is None:
-                acc = np.zeros((n, out.shape[1], out_h, out_w), dtype=np.float64)
+                acc = np.zeros((n, out.shape[1], out_h, out_w), dtype=np.float32)
             acc[:, :, oy:oy + oh, ox:ox + ow] += out * w
             weights[oy:oy + oh, ox:ox + ow] += w
             done += 1
             if on_tile:
                 on_tile(done, total)
-    result = acc / weights
-    return result[:, :, : round(height * factor), : round(width * factor)].astype(np.float32)
+    acc /= weights  # in place: no second full-size buffer
+    return acc[:, :, : round(height * factor), : round(width * factor)]

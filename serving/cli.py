@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import BACKENDS
 from mordasr.serving.requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
-
-def _fail(message: str) -> None:
-    click.echo(f"mordasr-serve: error: {message}", err=True)
-    sys.exit(2)
+_fail = failer("mordasr-serve")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

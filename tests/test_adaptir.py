@@ -117,7 +117,7 @@ def test_adaptir_sits_beside_every_transformer_feed_forward_and_starts_as_identi
 
 def test_training_moves_only_adaptir_and_checkpoints_round_trip(tmp_path):
     from mordasr.model.io import load_checkpoint, save_checkpoint, tiny_base_path
-    from mordasr.training.trainer import AdapterTrainingConfig, train_adapters
+    from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     model, _ = load_checkpoint(tiny_base_path(), adapter="adaptir")
     before = {n: p.clone() for n, p in model.named_parameters()}

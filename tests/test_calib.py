@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from mordasr.calib.bundle import build_precision_bundle
+from mordasr.calib.precision_bundle import build_precision_bundle
 from mordasr.calib.cli import main as calib_main
 from mordasr.calib.data import folder_images, split_per_bucket, synthetic_images
 from mordasr.calib.qdq_lint import lint_qdq
@@ -177,7 +177,7 @@ def test_int8_weight_packs_switch_buckets(int8_bundle):
                                                                           for b in (0, 1)}
     from safetensors.numpy import load_file
 
-    from mordasr.export.weight_packs import apply_pack
+    from mordasr.export.pack_writer import apply_pack
 
     base = onnx.load(str(int8_bundle / "unet.b0.onnx"))
     own = onnx.load(str(int8_bundle / "unet.b1.onnx"))

@@ -20,9 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from mordasr.errors import BundleError, MordasrError
 from mordasr.export.device_plan import fit_to_device, make_plan
 from mordasr.export.memory import MIB, estimate_bundle, graph_memory
-from mordasr.runtime.devices import (HostDevice, available_profiles, device_warnings, detect_host,
-                                     load_device_profile)
-from mordasr.runtime.engine_cache import EngineCache, EngineKey, resolve_engine, trtexec_hint
+from mordasr.runtime.devices import HostDevice, available_profiles, detect_host, device_warnings, load_device_profile
+from mordasr.runtime.engine_cache import EngineCache, EngineKey, build_hint, resolve_engine
 from mordasr.runtime.manifest import load_manifest, sha256_file
 from mordasr.runtime.pipeline import NonFiniteOutput, Restorer
 
@@ -264,9 +263,9 @@ def test_cache_builds_once_rebuilds_on_mismatch_and_explains_without_tensorrt(tm
 
     bundle = tmp_path / "bundle"
     shutil.copytree(folded_bundle, bundle)
-    assert trtexec_hint(bundle, "unet.b0.onnx").startswith("mordasr-export --engines")
+    assert build_hint(bundle, "unet.b0.onnx").startswith("mordasr-export --engines")
     write_trtexec_script(bundle, load_manifest(bundle), EngineOptions("128", "256", "512"))
-    hint = trtexec_hint(bundle, "unet.b0.onnx")
+    hint = build_hint(bundle, "unet.b0.onnx")
     assert "build_engines.sh (this graph: build unet.b0.onnx" in hint and "--maxShapes=latent:1x16x128x128" in hint
     with pytest.raises(BundleError, match="differs: precision fp16 \\(wanted int8\\).*TensorRT does not import"):
         resolve_engine(cache, _key(precision="int8"), None, hint)
@@ -288,7 +287,7 @@ def test_manifest_hash_ignores_engines_but_not_graphs(folded_bundle):
 
 @pytest.fixture(scope="module")
 def mixed_bundle(folded_bundle, tmp_path_factory):
-    from mordasr.calib.bundle import build_precision_bundle
+    from mordasr.calib.precision_bundle import build_precision_bundle
 
     out = tmp_path_factory.mktemp("mixed") / "bundle"
     out.mkdir()

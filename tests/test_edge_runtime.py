@@ -165,28 +165,38 @@ def _fuzz_corpus(folder):
     good.save(buf, format="PNG")
     png = buf.getvalue()
     cases = {}
-    (folder / "truncated.png").write_bytes(png[: len(png) // 2]); cases["truncated.png"] = False
-    (folder / "zero.jpg").write_bytes(b""); cases["zero.jpg"] = False
-    (folder / "text.png").write_text("not an image"); cases["text.png"] = False
-    (folder / "png_named.jpg").write_bytes(png); cases["png_named.jpg"] = True  # decoded by content
-    Image.new("RGB", (1, 1), "gray").save(folder / "one.png"); cases["one.png"] = True
-    Image.new("RGB", (300, 2), "gray").save(folder / "wide.png"); cases["wide.png"] = True
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    cases["truncated.png"] = False
+    (folder / "zero.jpg").write_bytes(b"")
+    cases["zero.jpg"] = False
+    (folder / "text.png").write_text("not an image")
+    cases["text.png"] = False
+    (folder / "png_named.jpg").write_bytes(png)
+    cases["png_named.jpg"] = True  # decoded by content
+    Image.new("RGB", (1, 1), "gray").save(folder / "one.png")
+    cases["one.png"] = True
+    Image.new("RGB", (300, 2), "gray").save(folder / "wide.png")
+    cases["wide.png"] = True
     (folder / "deep.png").write_bytes(encode_png16(RNG.integers(0, 65536, (6, 6, 3), dtype=np.uint16)))
     cases["deep.png"] = True
-    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(folder / "cmyk.jpg"); cases["cmyk.jpg"] = True
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
+    cases["cmyk.jpg"] = True
     rotated = Image.new("RGB", (8, 4), "white")
     exif = rotated.getexif()
     exif[0x0112] = 8
-    rotated.save(folder / "rotated.jpg", exif=exif); cases["rotated.jpg"] = True
+    rotated.save(folder / "rotated.jpg", exif=exif)
+    cases["rotated.jpg"] = True
     frames = [Image.new("P", (8, 8), i) for i in (1, 2)]
-    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:]); cases["anim.gif"] = True
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    cases["anim.gif"] = True
     # a PNG declaring 100000 x 100000 pixels (a decompression bomb) with a few bytes of data
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    (folder / "bomb.png").write_bytes(bomb); cases["bomb.png"] = False
+    (folder / "bomb.png").write_bytes(bomb)
+    cases["bomb.png"] = False
     return cases
 
 

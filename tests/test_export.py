@@ -97,7 +97,7 @@ def test_open_clip_vit_router_matches_pytorch(tmp_path):
 
     from mordasr.export.graphs import ComponentSpec, IOSpec, RouterGraph
     from mordasr.export.onnx_export import export_onnx
-    from mordasr.model.degradation import DegradationEstimator, build_vision_tower
+    from mordasr.model.estimator import DegradationEstimator, build_vision_tower
 
     torch.manual_seed(0)
     cfg = CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32)

@@ -18,9 +18,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mordasr.errors import CheckpointError, MordasrError
-from mordasr.training.fit_config import load_fit_config
-from mordasr.training.realesrgan import (RealESRGANConfig, anisotropic_kernel, degrade_realesrgan, random_kernel,
-                                         sinc_kernel)
+from mordasr.training.paper_config import load_fit_config
+from mordasr.training.realesrgan import (
+    RealESRGANConfig,
+    anisotropic_kernel,
+    degrade_realesrgan,
+    random_kernel,
+    sinc_kernel,
+)
 
 FAST = ["run.steps=4", "run.eval_every=2", "run.checkpoint_every=2", "run.log_every=1", "data.batch=2",
         "data.crop=32", "data.val_images=2", "optim.lr=1e-3"]
@@ -129,7 +134,8 @@ def test_lpips_loads_from_a_local_file_and_the_fallback_is_named(tmp_path):
 def test_shipped_configs_parse():
     from importlib import resources
 
-    shipped = [f for f in resources.files("mordasr.training").joinpath("configs").iterdir() if f.name.endswith(".yaml")]
+    configs = resources.files("mordasr.training").joinpath("configs")
+    shipped = [f for f in configs.iterdir() if f.name.endswith(".yaml")]
     assert {f.name for f in shipped} >= {"tiny.yaml", "sd21.yaml"}
     for file in shipped:
         cfg = load_fit_config(Path(str(file)))
@@ -158,7 +164,7 @@ def test_yaml_toml_and_overrides(tmp_path):
 # -- the trainer ---------------------------------------------------------------------------------------
 
 def _fit(out: Path, extra=(), resume=False, stop_after=None):
-    from mordasr.training.fit import FitTrainer
+    from mordasr.training.paper_trainer import FitTrainer
 
     cfg = load_fit_config(None, list(FAST) + list(extra))
     trainer = FitTrainer(cfg, out, resume=resume, quiet=True)
@@ -216,7 +222,7 @@ def test_run_folder_errors(tmp_path):
     empty.mkdir()
     nodata = CliRunner().invoke(train_main, ["fit", "-o", str(tmp_path / "x"), "--set", f"data.train_dir={empty}"])
     assert nodata.exit_code == 2 and "holds no images" in nodata.stderr
-    assert len([l for l in nodata.stderr.splitlines() if l.strip()]) == 1
+    assert len([line for line in nodata.stderr.splitlines() if line.strip()]) == 1
 
 
 @pytest.mark.parametrize("ablation,kind,expert_size,n_zero,aware", [
@@ -224,7 +230,7 @@ def test_run_folder_errors(tmp_path):
     ("mor-no-zero", "mor", 1, 0, True), ("mor-std-balance", "mor", 1, 2, False), ("mor", "mor", 1, 2, True)])
 def test_ablations_build_the_paper_rows(ablation, kind, expert_size, n_zero, aware):
     from mordasr.model.adapters.mor import MoRLayer
-    from mordasr.training.fit import build_model
+    from mordasr.training.paper_trainer import build_model
 
     cfg = load_fit_config(None, [f"run.ablation={ablation}"])
     model, degradation_aware, _ = build_model(cfg)
@@ -232,7 +238,7 @@ def test_ablations_build_the_paper_rows(ablation, kind, expert_size, n_zero, awa
     assert (adapter.kind, adapter.expert_size, degradation_aware) == (kind, expert_size, aware)
     layers = [m for m in model.modules() if isinstance(m, MoRLayer)]
     if kind == "mor":
-        assert layers and all(l.n_zero == n_zero and l.expert_size == expert_size for l in layers)
+        assert layers and all(x.n_zero == n_zero and x.expert_size == expert_size for x in layers)
         gate = layers[0].gate(torch.rand(3, model.config.num_degradations))
         assert gate.shape == (3, adapter.rank)
         if expert_size > 1:  # whole experts switch on and off together

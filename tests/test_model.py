@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mordasr.errors import CheckpointError
 from mordasr.model import ModelConfig, OneStepSR, preset_config
 from mordasr.model.adapters import AdapterLayer, MoRLinear, RoutingContext
-from mordasr.model.degradation import DegradationEstimator, text_embeddings_from_clip
+from mordasr.model.estimator import DegradationEstimator, text_embeddings_from_clip
 from mordasr.model.inject import adapter_layers, fold_adapters, inject_adapters
 from mordasr.model.io import load_checkpoint, save_checkpoint
 from mordasr.model.losses import load_balance_loss

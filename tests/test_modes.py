@@ -17,7 +17,7 @@ from mordasr.errors import BundleError, MordasrError
 from mordasr.export.buckets import grid_buckets
 from mordasr.export.bundle import check_mode, export_bundle
 from mordasr.export.graphs import example_inputs
-from mordasr.export.weight_packs import apply_pack, differing_tensors
+from mordasr.export.pack_writer import apply_pack, differing_tensors
 from mordasr.model.adapters import MoRLayer
 from mordasr.model.inject import adapter_layers, hybrid_adapters
 from mordasr.runtime import Restorer, load_manifest
@@ -182,7 +182,8 @@ def test_large_graph_cleanup_keeps_weights_outside_and_drops_dead_nodes(tmp_path
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
              helper.make_node("Relu", ["x"], ["dead"]), helper.make_node("Neg", ["dead"], ["dead2"])]
-    graph = helper.make_graph(list(reversed(nodes)), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    graph = helper.make_graph(list(reversed(nodes)), "g", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),

@@ -21,8 +21,7 @@ import pytest
 from PIL import Image
 
 from mordasr.errors import ImageError, ImageTooLarge
-from mordasr.serving.requests import (RequestError, RequestLimits, image_bytes, response_format,
-                                      status_for)
+from mordasr.serving.requests import RequestError, RequestLimits, image_bytes, response_format, status_for
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -66,7 +65,8 @@ def test_request_limits_and_content_types():
     content_type, body = _multipart("upload", b"OTHER")
     assert image_bytes(content_type, body) == b"OTHER"  # no 'image' field: the first file
     with pytest.raises(RequestError) as err:
-        image_bytes("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--zz--\r\n")
+        image_bytes("multipart/form-data; boundary=zz",
+                    b"--zz\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--zz--\r\n")
     assert err.value.status == 422 and "no file field" in str(err.value)
 
     assert response_format(None) == "PNG" and response_format("jpg") == "JPEG" and response_format("WEBP") == "WEBP"

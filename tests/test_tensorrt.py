@@ -1,10 +1,10 @@
-"""TensorRT: the pure logic (versions -> flags, pixels -> profiles, names, LRU, lint, trtexec
-script) runs everywhere; engine building and the engine backend run only where ``tensorrt``
+"""TensorRT: the pure logic (versions -> flags, pixels -> profiles, names, LRU, lint, the build
+and verify scripts, bucket switching, CUDA-graph lifetime) runs everywhere; engine building and the
+engine backend run only where ``tensorrt``
 imports, and are skipped with the reason elsewhere (nothing stands in for TensorRT)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,16 +17,28 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from mordasr.errors import BundleError, MordasrError
-from mordasr.export.engines import EngineOptions, engine_graphs
+from mordasr.export.engine_script import write_engine_scripts
 from mordasr.export.lint import check_bundle_graphs, lint_graph_file, lint_model, op_table
-from mordasr.export.tensorrt_config import build_settings, format_shape, parse_size, profile_shapes
-from mordasr.export.trtexec import write_trtexec_script
+from mordasr.lazy import has_module
 from mordasr.runtime import load_manifest
 from mordasr.runtime.backends.onnxruntime import provider_chain
-from mordasr.runtime.engine_names import (LRUCache, TensorRTVersion, compute_capability_tag,
-                                          engine_file_name, engine_mismatch)
+from mordasr.runtime.engine_names import (
+    LRUCache,
+    TensorRTVersion,
+    compute_capability_tag,
+    engine_file_name,
+    engine_mismatch,
+)
+from mordasr.runtime.trt_settings import (
+    EngineOptions,
+    build_settings,
+    engine_graphs,
+    format_shape,
+    parse_size,
+    profile_shapes,
+)
 
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAS_TENSORRT = has_module("tensorrt")
 needs_tensorrt = pytest.mark.skipif(not HAS_TENSORRT, reason="tensorrt is not installed on this machine "
                                     "(no TensorRT wheel can be installed here); engine paths run where it is")
 
@@ -62,8 +74,14 @@ def test_refit_flags_per_version():
     late = build_settings(TensorRTVersion(11, 3), "fp32", refittable=True)
     assert late.builder_flags == ["REFIT_INDIVIDUAL"] and late.refit_only_packs
     assert any("bias" in n for n in late.notes)
-    assert late.trtexec_args() == ["--refit"]
-    assert build_settings(TensorRTVersion(10, 3), "int8", True, True).trtexec_args() == ["--stronglyTyped", "--refit"]
+    # trtexec's --refit sets REFIT, a different engine: refused (defect 2); Polygraphy gets the
+    # flag and the marks through the postprocess script
+    assert late.needs_postprocess and late.polygraphy_args() == []
+    with pytest.raises(MordasrError, match="REFIT_INDIVIDUAL"):
+        late.trtexec_args()
+    early = build_settings(TensorRTVersion(10, 3), "int8", True, True)
+    assert early.trtexec_args() == ["--stronglyTyped", "--refit"]
+    assert early.polygraphy_args() == ["--strongly-typed", "--refittable"]
     with pytest.raises(MordasrError, match="no weak typing"):
         build_settings(TensorRTVersion(11, 0), "fp16", strongly_typed=False)
     with pytest.raises(MordasrError, match="unknown precision"):
@@ -156,7 +174,7 @@ def test_gpu_backends_fail_clearly_without_their_provider(folded_bundle):
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(folded_bundle):
     from mordasr.runtime import Restorer
 
-    with pytest.raises(MordasrError, match="tensorrt backend needs TensorRT"):
+    with pytest.raises(MordasrError, match="tensorrt backend needs tensorrt.*pip install tensorrt"):
         Restorer(folded_bundle, backend="tensorrt")
 
 
@@ -245,75 +263,188 @@ def test_export_fails_on_a_graph_tensorrt_cannot_parse(tmp_path):
         check_bundle_graphs(tmp_path, ["bad.onnx"])
 
 
-# -- trtexec script ---------------------------------------------------------------------------------
+# -- build_engines.sh / verify_engines.sh ------------------------------------------------------------
 
-FAKE_TRTEXEC = """#!/usr/bin/env bash
-# Records its arguments and writes the --saveEngine file: checks the script's own logic only.
-echo "$@" >> "$TRTEXEC_LOG"
-for a in "$@"; do case "$a" in --saveEngine=*) echo plan > "${a#--saveEngine=}";; esac; done
+FAKE_BUILDER = """#!/usr/bin/env bash
+# Records its arguments and writes the engine it was asked for: checks the script's own logic only.
+echo "$(basename "$0") $@" >> "$BUILD_LOG"
+if [ "${1:-}" = --help ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec"; exit 0; fi
+out=""; prev=""
+for a in "$@"; do
+    case "$a" in --saveEngine=*) out="${a#--saveEngine=}";; esac
+    [ "$prev" = -o ] && out="$a"
+    prev="$a"
+done
+[ -n "$out" ] && echo plan > "$out"
+exit 0
 """
 
 
-def _run_script(bundle, tmp_path, trt_version):
-    fake = tmp_path / "trtexec"
-    fake.write_text(FAKE_TRTEXEC)
-    fake.chmod(0o755)
-    log = tmp_path / f"log{trt_version}"
-    env = dict(os.environ, TRTEXEC=str(fake), SM="87", TRT_VERSION=trt_version, TRTEXEC_LOG=str(log))
+def _fake_tools(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("trtexec", "polygraphy"):
+        (bin_dir / name).write_text(FAKE_BUILDER)
+        (bin_dir / name).chmod(0o755)
+    # python3 that cannot import tensorrt, so BUILDER=auto falls back to trtexec where asked
+    return bin_dir
+
+
+def _run_script(bundle, tmp_path, trt_version, builder="polygraphy", **env_extra):
+    bin_dir = _fake_tools(tmp_path)
+    log = tmp_path / f"log-{builder}-{trt_version}"
+    log.unlink(missing_ok=True)
+    env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin", BUILDER=builder, SM="87", BUILD_LOG=str(log),
+               TRTEXEC=str(bin_dir / "trtexec"), **env_extra)
+    if trt_version is not None:
+        env["TRT_VERSION"] = trt_version
     proc = subprocess.run(["bash", str(bundle / "build_engines.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
-    return proc, log.read_text().splitlines() if log.exists() else []
+    calls = [c for c in log.read_text().splitlines() if " --help" not in c] if log.exists() else []
+    return proc, calls
+
+
+@pytest.fixture
+def refit_bundle(folded_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(folded_bundle, bundle)
+    options = EngineOptions(min_size="64", opt_size="128", max_size="256", refittable=True, tactic_dram_mb=1024)
+    write_engine_scripts(bundle, load_manifest(bundle), options)
+    return bundle
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_trtexec_script(folded_bundle, tmp_path):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(folded_bundle, bundle)
+def test_build_script_builds_with_polygraphy_what_the_python_builder_builds(refit_bundle, tmp_path):
+    bundle = refit_bundle
+    for script in ("build_engines.sh", "verify_engines.sh"):
+        assert os.access(bundle / script, os.X_OK)
+        assert subprocess.run(["bash", "-n", str(bundle / script)], capture_output=True).returncode == 0
     manifest = load_manifest(bundle)
-    options = EngineOptions(min_size="64", opt_size="128", max_size="256", refittable=True)
-    path = write_trtexec_script(bundle, manifest, options)
-    assert os.access(path, os.X_OK)
-    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
-    text = path.read_text()
-    assert "--maxShapes=latent:1x16x64x64" in text and "unet.b1.onnx" not in text  # refit reaches b1
+    latent = manifest.graph("unet", 0).inputs[0]
     proc, calls = _run_script(bundle, tmp_path, "10.3.0")
     assert proc.returncode == 0, proc.stderr
-    assert len(calls) == 4 and all("--refit" in c and "--skipInference" in c for c in calls)
-    assert not any("--fp16" in c for c in calls)  # fp32 bundle
+    assert len(calls) == 4 and all(c.startswith("polygraphy convert") for c in calls)  # refit reaches b1
+    assert not any("unet.b1.onnx" in c for c in calls)
+    for call in calls:  # the Jetson cap survives (defect 3), the timing cache is shared
+        assert "--pool-limit workspace:4096M tactic_dram:1024M" in call and "--refittable" in call
+        assert "--load-timing-cache engines/timing.sm87.trt10.3.0.cache" in call
+        assert "--save-timing-cache engines/timing.sm87.trt10.3.0.cache" in call
+    unet = next(c for c in calls if "unet.b0.onnx" in c)
+    assert f"--trt-max-shapes {latent.name}:[1," in unet  # a word of its own: not quoted, not globbed
     for g in engine_graphs(manifest, refittable=True):  # the runtime finds what the script wrote
         assert (bundle / engine_file_name(g, "8.7", "10.3.0")).read_text() == "plan\n"
     assert not list(bundle.glob("engines/*.partial"))
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_trtexec_script_flags_follow_the_tensorrt_major(folded_bundle, tmp_path):
-    from mordasr.calib.bundle import build_precision_bundle
+def test_refit_on_tensorrt_11_3_marks_the_pack_weights_and_trtexec_refuses(refit_bundle, tmp_path):
+    import json
+
+    bundle = refit_bundle
+    proc, calls = _run_script(bundle, tmp_path, "11.4.0")
+    assert proc.returncode == 0, proc.stderr
+    unet = next(c for c in calls if "unet.b0.onnx" in c)
+    assert "--trt-npps engines/trt_postprocess.py:mark_unet_b0" in unet
+    assert "--trt-cpps engines/trt_postprocess.py:refit_individual" in unet and "--refittable" not in unet
+    router = next(c for c in calls if "router.onnx" in c)
+    assert "--trt-npps" not in router  # no pack: nothing to mark
+    marks = json.loads((bundle / "engines" / "refit_marks.json").read_text())
+    from mordasr.runtime.weight_packs import load_weight_pack
+
+    manifest = load_manifest(bundle)
+    assert marks["unet.b0"] == list(load_weight_pack(bundle, manifest.weight_pack("unet", 0)))
+    # 11.0-11.2: plain REFIT, no marks
+    _, calls11 = _run_script(bundle, tmp_path, "11.1.0")
+    assert all("--refittable" in c and "--trt-npps" not in c for c in calls11)
+    # trtexec cannot express REFIT_INDIVIDUAL: refused, not built differently (defect 2)
+    for plan in bundle.glob("engines/*.plan"):
+        plan.unlink()
+    proc, calls = _run_script(bundle, tmp_path, "11.4.0", builder="trtexec")
+    assert proc.returncode == 2 and "REFIT_INDIVIDUAL" in proc.stderr and "polygraphy" in proc.stderr
+    assert not list(bundle.glob("engines/*.trt11.4.0.*.plan"))
+    # ... and warns that it drops the tactic DRAM cap (defect 3)
+    proc, calls = _run_script(bundle, tmp_path, "10.3.0", builder="trtexec")
+    assert proc.returncode == 0 and "cannot cap tactic DRAM" in proc.stderr
+    assert all("--refit" in c and "--memPoolSize=workspace:4096M" in c for c in calls)
+
+
+def test_generated_postprocess_marks_exactly_the_pack_tensors(refit_bundle):
+    import importlib.util as iu
+    from types import SimpleNamespace
+
+    spec = iu.spec_from_file_location("trt_postprocess", refit_bundle / "engines" / "trt_postprocess.py")
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    marked = []
+    network = SimpleNamespace(mark_weights_refittable=lambda name: marked.append(name) or True)
+    module.mark_unet_b0(network)
+    assert marked == module.MARKS["unet.b0"] and marked
+    refusing = SimpleNamespace(mark_weights_refittable=lambda name: False)
+    with pytest.raises(RuntimeError, match="would not mark"):
+        module.mark_unet_b0(refusing)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_trtexec_version_comes_from_the_trtexec_that_builds(refit_bundle, tmp_path):
+    """Defect 7: with no TRT_VERSION set, the trtexec path reads trtexec's own banner
+    (v100300 -> 10.3.0), whatever Python's tensorrt says."""
+    proc, calls = _run_script(refit_bundle, tmp_path, None, builder="trtexec")
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_manifest(refit_bundle)
+    assert (refit_bundle / engine_file_name(manifest.graph("router"), "8.7", "10.3.0")).is_file()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_precision_flags_follow_the_tensorrt_major(folded_bundle, tmp_path):
+    from mordasr.calib.precision_bundle import build_precision_bundle
 
     bundle = tmp_path / "fp16"
     bundle.mkdir()
     manifest = build_precision_bundle(folded_bundle, bundle, "fp16")
-    write_trtexec_script(bundle, manifest, EngineOptions())
-    _, calls10 = _run_script(bundle, tmp_path, "10.3.0")
-    _, calls11 = _run_script(bundle, tmp_path, "11.4.0")
-    router10 = next(c for c in calls10 if "router.onnx" in c)
-    unet10 = next(c for c in calls10 if "unet.b0.onnx" in c)
-    assert "--fp16" in unet10 and "--fp16" not in router10  # the router stays FP32
-    assert not any("--fp16" in c for c in calls11)  # TensorRT 11 removed the flag
+    write_engine_scripts(bundle, manifest, EngineOptions())
+    for builder, flag in (("polygraphy", "--fp16"), ("trtexec", "--fp16")):
+        _, calls10 = _run_script(bundle, tmp_path, "10.3.0", builder=builder)
+        _, calls11 = _run_script(bundle, tmp_path, "11.4.0", builder=builder)
+        router10 = next(c for c in calls10 if "router.onnx" in c)
+        unet10 = next(c for c in calls10 if "unet.b0.onnx" in c)
+        assert flag in unet10.split() and flag not in router10.split()  # the router stays FP32
+        assert not any(flag in c.split() for c in calls11)  # TensorRT 11 removed the flag
     proc, _ = _run_script(bundle, tmp_path, "8.6.1")
     assert proc.returncode == 2 and "too old" in proc.stderr
 
 
-def test_trtexec_script_without_trtexec_or_gpu_says_what_to_set(gated_bundle, tmp_path):
+def test_build_script_without_a_builder_says_what_to_install(gated_bundle, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(gated_bundle, bundle)
-    write_trtexec_script(bundle, load_manifest(bundle), EngineOptions())
+    write_engine_scripts(bundle, load_manifest(bundle), EngineOptions())
     env = dict(os.environ, PATH="/usr/bin:/bin", TRTEXEC="")
     proc = subprocess.run(["bash", str(bundle / "build_engines.sh")], env=env, capture_output=True, text=True)
     if shutil.which("trtexec") is None and not os.path.exists("/usr/src/tensorrt/bin/trtexec"):
-        assert proc.returncode == 2 and "trtexec not found" in proc.stderr
+        assert proc.returncode == 2 and "pip install polygraphy" in proc.stderr
 
 
-def test_export_cli_writes_the_script_and_reports_missing_tensorrt(tiny_model, tmp_path):
+@pytest.mark.skipif(shutil.which("polygraphy") is None and not os.path.exists(
+    os.path.join(os.path.dirname(os.sys.executable), "polygraphy")), reason="needs Polygraphy")
+def test_verify_script_runs_its_onnxruntime_half_with_polygraphy(refit_bundle, tmp_path):
+    """The reference half of verify_engines.sh (ONNX Runtime on seeded inputs through
+    `polygraphy run`) runs here; the engine half needs TensorRT."""
+    import json
+    import shlex
+
+    text = (refit_bundle / "verify_engines.sh").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("polygraphy run ") and "--onnxrt" in line]
+    assert len(lines) == 4
+    assert "atol 0.001" in text  # fp32 bundle: the fp32 tolerance
+    env = dict(os.environ, PATH=os.path.dirname(os.sys.executable) + ":" + os.environ["PATH"])
+    (refit_bundle / "engines" / "verify").mkdir(parents=True, exist_ok=True)
+    line = next(line for line in lines if "unet.b0.onnx" in line)
+    proc = subprocess.run(shlex.split(line), cwd=refit_bundle, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    saved = json.loads((refit_bundle / "engines" / "verify" / "unet.b0.onnxrt.json").read_text())
+    assert saved  # ONNX Runtime's outputs, to be compared with the engine on the device
+
+
+def test_export_cli_writes_the_scripts_and_reports_missing_tensorrt(tiny_model, tmp_path):
     from mordasr.export.cli import main as export_main
     from mordasr.model.io import save_checkpoint
 
@@ -322,13 +453,126 @@ def test_export_cli_writes_the_script_and_reports_missing_tensorrt(tiny_model, t
     args = [str(checkpoint), "-o", str(out), "--mode", "gated", "--bucket-placement", "grid",
             "--max-size", "512", "-q"]
     result = CliRunner().invoke(export_main, args + (["--engines"] if not HAS_TENSORRT else []))
-    assert "build_engines.sh" in (out / "build_engines.sh").read_text()
-    assert "--maxShapes=image:1x3x128x128" in (out / "build_engines.sh").read_text()
+    script = (out / "build_engines.sh").read_text()
+    assert "--trt-max-shapes image:[1,3,128,128]" in script and "--maxShapes=image:1x3x128x128" in script
+    assert (out / "verify_engines.sh").is_file()
     if not HAS_TENSORRT:
-        assert result.exit_code == 2 and "tensorrt is not installed" in result.output
-        assert "build_engines.sh" in result.output
+        assert result.exit_code == 2 and "needs tensorrt, which is not installed" in result.output
     bad = CliRunner().invoke(export_main, [str(checkpoint), "-o", str(tmp_path / "x"), "--max-size", "big"])
     assert bad.exit_code == 2 and "bad size 'big'" in bad.output
+
+
+# -- bucket switching, refit failures, CUDA graphs (pure logic; no TensorRT) --------------------------
+
+class _Weights:
+    """Holds weights the way a TensorRT engine does: a write replaces only the named tensors."""
+
+    def __init__(self, initial, fail_after=None):
+        self.values = {k: v.copy() for k, v in initial.items()}
+        self.fail_after = fail_after
+
+    def write(self, tensors):
+        for i, (name, value) in enumerate(tensors.items()):
+            if self.fail_after is not None and i == self.fail_after:
+                raise BundleError("TensorRT refused the refit")
+            self.values[name] = value.copy()
+
+
+def _bucket_initializers(bundle, manifest, component, bucket):
+    from onnx import numpy_helper as nh
+
+    model = onnx.load(str(bundle / manifest.graph(component, bucket).file))
+    return {i.name: nh.to_array(i) for i in model.graph.initializer}
+
+
+def test_switching_buckets_writes_full_tensors_and_nothing_of_the_last_bucket_survives(folded_bundle):
+    """Defect 8: one function switches buckets for every backend. Starting from bucket 0's graph
+    and switching 0 -> 2 -> 1 -> 0 -> 3 -> 1, the weights must equal each bucket's own graph
+    exactly: deltas written on top of the loaded bucket, or a tensor left over from the previous
+    bucket, would both break the equality."""
+    from mordasr.runtime.weight_packs import BucketSlot, pack_loader, switch_bucket
+
+    manifest = load_manifest(folded_bundle)
+    buckets = len(manifest.buckets)
+    assert buckets >= 2
+    for component in ("encoder", "unet"):
+        weights = _Weights(_bucket_initializers(folded_bundle, manifest, component, 0))
+        slot = BucketSlot(weights, bucket=0)
+        for bucket in [2 % buckets, 1, 0, (buckets - 1), 1]:
+            switch_bucket(slot, bucket, pack_loader(folded_bundle, manifest, component))
+            expected = _bucket_initializers(folded_bundle, manifest, component, bucket)
+            assert slot.bucket == bucket
+            assert weights.values.keys() == expected.keys()
+            assert all(np.array_equal(weights.values[k], expected[k]) for k in expected), (component, bucket)
+
+
+def test_a_failed_refit_leaves_the_bucket_unknown(folded_bundle):
+    """Defect 4: TensorRT may have refitted a subset when refit_cuda_engine fails; the engine must
+    not stay labelled with its old bucket, so the next request for it refits again."""
+    from mordasr.runtime.weight_packs import BucketSlot, pack_loader, switch_bucket
+
+    manifest = load_manifest(folded_bundle)
+    weights = _Weights(_bucket_initializers(folded_bundle, manifest, "unet", 0), fail_after=3)
+    slot = BucketSlot(weights, bucket=0)
+    with pytest.raises(BundleError):
+        switch_bucket(slot, 1, pack_loader(folded_bundle, manifest, "unet"))
+    assert slot.bucket is None  # mixed weights are not called bucket 0 (or 1)
+    weights.fail_after = None
+    assert switch_bucket(slot, 0, pack_loader(folded_bundle, manifest, "unet"))  # rewritten, not skipped
+    expected = _bucket_initializers(folded_bundle, manifest, "unet", 0)
+    assert all(np.array_equal(weights.values[k], expected[k]) for k in expected)
+
+
+def test_captured_cuda_graphs_are_destroyed_when_replaced_and_closed(monkeypatch):
+    """Defect 5: each new input shape recaptures; the old graph and its executable are destroyed."""
+    from types import SimpleNamespace
+
+    import mordasr.runtime.backends.tensorrt as backend
+
+    destroyed = []
+    fake = SimpleNamespace(cudaGraphExecDestroy=lambda e: destroyed.append(("exec", e)),
+                           cudaGraphDestroy=lambda g: destroyed.append(("graph", g)))
+    monkeypatch.setattr(backend, "cudart", fake)
+    captured = backend.CapturedGraph()
+    captured.set("g1", "e1", (("x", (1, 3, 8, 8)),))
+    assert captured.matches((("x", (1, 3, 8, 8)),)) and not captured.matches((("x", (1, 3, 16, 16)),))
+    captured.set("g2", "e2", (("x", (1, 3, 16, 16)),))
+    assert destroyed == [("exec", "e1"), ("graph", "g1")]
+    captured.destroy()
+    assert destroyed[2:] == [("exec", "e2"), ("graph", "g2")] and captured.exec is None
+    captured.destroy()  # idempotent
+    assert len(destroyed) == 4
+
+
+def test_cuda_python_names_the_backend_uses_exist():
+    """cuda-python imports without a GPU here (its calls return cudaErrorInsufficientDriver) but
+    ships no type stubs for cuda.bindings.runtime, so mypy cannot check these calls; this checks
+    every cudart function and enum the TensorRT backend names against the real module."""
+    import ast
+    import inspect
+
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    import mordasr.runtime.backends.tensorrt as backend
+
+    tree = ast.parse(inspect.getsource(backend))
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cudart"}
+    assert {"cudaMalloc", "cudaGraphLaunch", "cudaGraphExecDestroy", "cudaStreamDestroy"} <= used
+    missing = sorted(name for name in used if not hasattr(cudart, name))
+    assert not missing, f"cuda.bindings.runtime has no {missing}"
+
+
+def test_tensorrt_stubs_alone_do_not_pass_for_tensorrt(tmp_path, monkeypatch):
+    """tensorrt-stubs installs an empty `tensorrt` namespace package; that must not count as TensorRT."""
+    from mordasr.lazy import MissingDependency, has_module, import_optional
+
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if not HAS_TENSORRT:
+        assert not has_module("tensorrt")
+        with pytest.raises(MissingDependency, match="pip install tensorrt"):
+            import_optional("tensorrt", "the tensorrt backend")
 
 
 # -- engines (only where TensorRT imports) ------------------------------------------------------------

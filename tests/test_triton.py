@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc] (pip install 'mordasr[serve]')")
+pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                    reason="needs tritonclient[grpc] (pip install 'mordasr[serve]')")
 
 from mordasr.export.triton import TritonOptions, validate_repository, write_triton_repository  # noqa: E402
 from mordasr.export.triton_cli import main as triton_cli  # noqa: E402
@@ -174,7 +175,8 @@ def test_pipeline_model_equals_mordasr_run(bundle, request, tmp_path, monkeypatc
     model.initialize({"model_repository": str(repo / "mordasr"), "model_version": "1", "model_config": "{}"})
 
     rng = np.random.default_rng(3)
-    images = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(3)] + [rng.random((12, 20, 3), dtype=np.float32)]
+    images = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(3)]
+    images.append(rng.random((12, 20, 3), dtype=np.float32))
     requests = [types.SimpleNamespace(inputs=[pb.Tensor("image", im)]) for im in images]
     requests.insert(2, types.SimpleNamespace(inputs=[pb.Tensor("image", np.zeros((4, 4), np.float32))]))
     responses = model.execute(requests)

@@ -44,8 +44,8 @@ class MultiScaleDiscriminator(nn.Module):
 
 def generator_adversarial_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "hinge":
-        return torch.stack([-l.mean() for l in logits]).mean()
-    return torch.stack([F.softplus(-l).mean() for l in logits]).mean()
+        return torch.stack([-x.mean() for x in logits]).mean()
+    return torch.stack([F.softplus(-x).mean() for x in logits]).mean()
 
 
 def discriminator_loss(real: list[torch.Tensor], fake: list[torch.Tensor], kind: str) -> torch.Tensor:

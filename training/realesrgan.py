@@ -187,7 +187,8 @@ def _noise(images: torch.Tensor, stage: StageConfig, rng: np.random.Generator,
 def _cpu_generator(generator: torch.Generator) -> torch.Generator:
     if generator.device.type == "cpu":
         return generator
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator, device=generator.device)))
+    seed = torch.randint(0, 2**31, (1,), generator=generator, device=generator.device)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _jpeg(images: torch.Tensor, stage: StageConfig, rng: np.random.Generator) -> torch.Tensor:

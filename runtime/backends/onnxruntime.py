@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from mordasr.errors import BundleError, MordasrError, first_line
+from mordasr.lazy import import_optional
 from mordasr.runtime.manifest import GraphSpec, Manifest
-from mordasr.runtime.weight_packs import load_weight_pack
+from mordasr.runtime.weight_packs import BucketSlot, pack_loader, switch_bucket
 
 PROVIDERS = {
     "onnxruntime": ("CPUExecutionProvider",),
@@ -26,12 +27,32 @@ BUCKET_SWITCHES = ("graphs", "refit")
 
 
 def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MordasrError("onnxruntime is not installed: pip install onnxruntime "
-                           "(or onnxruntime-gpu on CUDA hosts)") from None
-    return onnxruntime
+    return import_optional("onnxruntime", "the onnxruntime backends")
+
+
+class _PackedSession:
+    """ONNX Runtime's counterpart of a refittable engine: one session of the bucket-0 graph whose
+    initializers are overridden with a bucket's pack (``write`` opens the session anew)."""
+
+    def __init__(self, backend: "OnnxRuntimeBackend", base_graph: str) -> None:
+        self.backend, self.base_graph = backend, base_graph
+        self.session = None
+        self.values: dict = {}
+
+    def write(self, tensors: dict[str, np.ndarray]) -> None:
+        ort = self.backend.ort
+        options = self.backend._options()
+        # The ALL level's layout transforms pre-pack conv weights from the graph before the
+        # overrides apply (measured: the bucket-0 weights win); EXTENDED keeps them.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        # ORT reads initializers given in the options instead of the graph's own; the OrtValues
+        # must outlive the session, so they are kept with it.
+        values = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in tensors.items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        self.session = None
+        self.session = self.backend._open(self.base_graph, options)
+        self.values = values
 
 
 def provider_chain(backend: str, precision: str | tuple[str, ...], cache_dir: str | Path) -> list:
@@ -88,8 +109,7 @@ class OnnxRuntimeBackend:
                                f"(it has {', '.join(sorted(available))}); install onnxruntime-gpu "
                                "built for this CUDA/TensorRT")
         self._sessions: dict[str, object] = {}
-        self._loaded_bucket: dict[str, int] = {}  # refit mode: component -> bucket in its session
-        self._pack_values: dict[str, dict] = {}
+        self._slots: dict[str, BucketSlot] = {}  # refit mode: component -> its one session's bucket
 
     def _options(self):
         options = self.ort.SessionOptions()
@@ -116,22 +136,11 @@ class OnnxRuntimeBackend:
             if graph.key not in self._sessions:
                 self._sessions[graph.key] = self._open(graph.file, self._options())
             return self._sessions[graph.key]
-        if self._loaded_bucket.get(graph.component) != graph.bucket:
-            options = self._options()
-            # The ALL level's layout transforms pre-pack conv weights from the graph before
-            # the overrides apply (measured: the bucket-0 weights win); EXTENDED keeps them.
-            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            values = load_weight_pack(self.bundle_dir, pack)
-            # ORT reads initializers given in the options instead of the graph's own; the
-            # OrtValues must outlive the session, so they are kept with it.
-            ort_values = {name: self.ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()}
-            for name, value in ort_values.items():
-                options.add_initializer(name, value)
-            self._sessions.pop(graph.component, None)
-            self._sessions[graph.component] = self._open(pack.base_graph, options)
-            self._pack_values[graph.component] = ort_values
-            self._loaded_bucket[graph.component] = graph.bucket
-        return self._sessions[graph.component]
+        slot = self._slots.get(graph.component)
+        if slot is None:
+            slot = self._slots[graph.component] = BucketSlot(_PackedSession(self, pack.base_graph))
+        switch_bucket(slot, pack.bucket, pack_loader(self.bundle_dir, self.manifest, graph.component))
+        return slot.target.session
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session(graph)

@@ -10,32 +10,26 @@ bucket loaded before.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mordasr.errors import BundleError, MordasrError
-from mordasr.runtime.engine_cache import EngineCache, EngineKey, resolve_engine, trtexec_hint
+from mordasr.lazy import lazy_import
+from mordasr.runtime.engine_cache import EngineCache, EngineKey, build_hint, resolve_engine
 from mordasr.runtime.engine_names import LRUCache, TensorRTVersion, engine_file_name, engine_mismatch
 from mordasr.runtime.manifest import GraphSpec, Manifest, verify_file
-from mordasr.runtime.weight_packs import load_weight_pack
+from mordasr.runtime.trt_build import build_engine
+from mordasr.runtime.trt_settings import EngineOptions, profile_shapes
+from mordasr.runtime.weight_packs import BucketSlot, pack_loader, switch_bucket
 
-
-
-def _import():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MordasrError("the tensorrt backend needs TensorRT's Python package (JetPack ships it; "
-                           "on desktops: pip install tensorrt)") from None
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise MordasrError("the tensorrt backend needs cuda-python: pip install cuda-python") from None
-    return trt, cudart
+if TYPE_CHECKING:  # mypy checks every call below against TensorRT's own API (tensorrt-stubs)
+    import tensorrt as trt
+else:
+    trt = lazy_import("tensorrt", "the tensorrt backend")
+cudart: Any = lazy_import("cuda.bindings.runtime", "the tensorrt backend")
 
 
 def _check(result):
@@ -48,8 +42,7 @@ def _check(result):
 class _Buffer:
     """A device buffer and its pinned host mirror, grown on demand."""
 
-    def __init__(self, cudart) -> None:
-        self.cudart = cudart
+    def __init__(self) -> None:
         self.nbytes = 0
         self.device = 0
         self.host = 0
@@ -58,41 +51,63 @@ class _Buffer:
         if nbytes <= self.nbytes:
             return
         self.free()
-        self.device = _check(self.cudart.cudaMalloc(nbytes))
-        self.host = _check(self.cudart.cudaMallocHost(nbytes))
+        self.device = _check(cudart.cudaMalloc(nbytes))
+        self.host = _check(cudart.cudaMallocHost(nbytes))
         self.nbytes = nbytes
 
     def host_array(self, shape, dtype) -> np.ndarray:
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        raw = (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_byte * count).from_address(self.host)))
+        raw = np.ctypeslib.as_array((ctypes.c_byte * count).from_address(self.host))
         return raw.view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.nbytes:
-            self.cudart.cudaFree(self.device)
-            self.cudart.cudaFreeHost(self.host)
+            cudart.cudaFree(self.device)
+            cudart.cudaFreeHost(self.host)
         self.nbytes = 0
 
 
+class CapturedGraph:
+    """A CUDA graph captured from one launch, and its executable; both destroyed when replaced
+    (a new input shape, a refit) and on close, so recaptures do not leak device memory."""
+
+    def __init__(self) -> None:
+        self.graph: Any = None
+        self.exec: Any = None
+        self.shapes: tuple | None = None
+
+    def matches(self, shapes: tuple) -> bool:
+        return self.exec is not None and self.shapes == shapes
+
+    def set(self, graph: Any, graph_exec: Any, shapes: tuple) -> None:
+        self.destroy()
+        self.graph, self.exec, self.shapes = graph, graph_exec, shapes
+
+    def destroy(self) -> None:
+        if self.exec is not None:
+            cudart.cudaGraphExecDestroy(self.exec)
+        if self.graph is not None:
+            cudart.cudaGraphDestroy(self.graph)
+        self.graph, self.exec, self.shapes = None, None, None
+
+
 class _LoadedEngine:
-    def __init__(self, backend: "TensorRTBackend", file: str) -> None:
+    def __init__(self, backend: "TensorRTBackend", file: str | Path) -> None:
         self.backend = backend
-        trt = backend.trt
         data = Path(file).read_bytes()
-        self.engine = backend.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
+        engine = backend.runtime.deserialize_cuda_engine(data)
+        if engine is None:
             raise BundleError(f"TensorRT could not deserialize {file}: it was built for another GPU or "
                               "TensorRT version, or is damaged (rebuild it with build_engines.sh)")
-        self.context = self.engine.create_execution_context()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in self.names}
-        self.buffers = {n: _Buffer(backend.cudart) for n in self.names}
-        self.graph_exec = None
-        self.graph_shapes = None
-        self.bucket: int | None = None  # refit mode: the bucket whose weights are in the engine
+        self.engine: trt.ICudaEngine = engine
+        self.context: trt.IExecutionContext = engine.create_execution_context()
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in self.names}
+        self.buffers = {n: _Buffer() for n in self.names}
+        self.captured = CapturedGraph()
 
-    def refit(self, tensors: dict[str, np.ndarray]) -> None:
-        trt = self.backend.trt
+    def write(self, tensors: dict[str, np.ndarray]) -> None:
+        """Refit the engine with full tensors (``BucketWeights`` for ``switch_bucket``)."""
         refitter = trt.Refitter(self.engine, self.backend.logger)
         for name, value in tensors.items():
             if not refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(value))):
@@ -100,12 +115,12 @@ class _LoadedEngine:
         missing = refitter.get_missing_weights()
         if missing:
             raise BundleError(f"refit needs {len(missing)} more weights (e.g. {missing[0]}); rebuild the engine")
+        self.captured.destroy()  # a captured graph may hold pre-refit state
         if not refitter.refit_cuda_engine():
             raise BundleError("TensorRT refused the refit; rebuild the engine")
-        self.graph_exec = None  # a captured graph may hold pre-refit state
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str], use_cuda_graph: bool) -> dict:
-        trt, cudart, stream = self.backend.trt, self.backend.cudart, self.backend.stream
+        stream = self.backend.stream
         kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shapes = tuple((n, feeds[n].shape) for n in self.names if self.is_input[n])
@@ -114,10 +129,12 @@ class _LoadedEngine:
             buf = self.buffers[name]
             buf.ensure(array.nbytes)
             buf.host_array(array.shape, array.dtype)[...] = array
-            self.context.set_input_shape(name, shape)
+            if not self.context.set_input_shape(name, shape):
+                raise BundleError(f"input {name} of shape {shape} is outside the engine's profile; "
+                                  "rebuild with a larger --max-size or tile smaller")
             self.context.set_tensor_address(name, buf.device)
             _check(cudart.cudaMemcpyAsync(buf.device, buf.host, array.nbytes, kind_h2d, stream))
-        outputs = {}
+        outputs: dict[str, tuple[tuple[int, ...], Any]] = {}
         for name in self.names:
             if self.is_input[name]:
                 continue
@@ -127,8 +144,8 @@ class _LoadedEngine:
             buf.ensure(int(np.prod(shape)) * np.dtype(dtype).itemsize)
             self.context.set_tensor_address(name, buf.device)
             outputs[name] = (shape, dtype)
-        if use_cuda_graph and self.graph_exec is not None and self.graph_shapes == shapes:
-            _check(cudart.cudaGraphLaunch(self.graph_exec, stream))
+        if use_cuda_graph and self.captured.matches(shapes):
+            _check(cudart.cudaGraphLaunch(self.captured.exec, stream))
         else:
             if not self.context.execute_async_v3(stream):
                 raise MordasrError("TensorRT execution failed")
@@ -141,25 +158,28 @@ class _LoadedEngine:
         _check(cudart.cudaStreamSynchronize(stream))
         return {n: self.buffers[n].host_array(*outputs[n]).copy() for n in output_names}
 
-    def _capture(self, shapes) -> None:
+    def _capture(self, shapes: tuple) -> None:
         """Record this shape's launch as a CUDA graph (after one regular run has set TensorRT up)."""
-        cudart, stream = self.backend.cudart, self.backend.stream
+        stream = self.backend.stream
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        self.captured.destroy()
+        graph = None
         try:
             _check(cudart.cudaStreamBeginCapture(stream, mode))
             self.context.execute_async_v3(stream)
             graph = _check(cudart.cudaStreamEndCapture(stream))
-            self.graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0))
-            self.graph_shapes = shapes
+            self.captured.set(graph, _check(cudart.cudaGraphInstantiate(graph, 0)), shapes)
         except MordasrError:
             # Some engines (data-dependent shapes, some plugins) cannot be captured: run eagerly.
-            self.graph_exec, self.graph_shapes = None, None
+            if graph is not None:
+                cudart.cudaGraphDestroy(graph)
 
     def close(self) -> None:
+        self.captured.destroy()
         for buf in self.buffers.values():
             buf.free()
-        self.context = None
-        self.engine = None
+        del self.context
+        del self.engine
 
 
 class TensorRTBackend:
@@ -168,20 +188,31 @@ class TensorRTBackend:
     def __init__(self, manifest: Manifest, bundle_dir: str | Path, max_engines: int = 8,
                  bucket_switch: str = "graphs", cuda_graphs: bool = True, cache_dir=None,
                  build_missing: bool = True) -> None:
-        self.trt, self.cudart = _import()
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
-        self.version = TensorRTVersion.parse(self.trt.__version__)
-        props = _check(self.cudart.cudaGetDeviceProperties(0))
+        self.version = TensorRTVersion.parse(trt.__version__)
+        props = _check(cudart.cudaGetDeviceProperties(0))
         self.cc = f"{props.major}.{props.minor}"
-        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self.runtime = self.trt.Runtime(self.logger)
-        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.stream = _check(cudart.cudaStreamCreate())
         self.bucket_switch = bucket_switch
         self.cuda_graphs = cuda_graphs
-        self.engines = LRUCache(max_engines, close=lambda e: e.close())
+        self.engines = LRUCache(max_engines, close=self._close_engine)
+        self.slots: dict[str, BucketSlot] = {}  # refit mode: base graph key -> engine and its bucket
         self.cache = EngineCache(cache_dir)
         self.build_missing = build_missing
+
+    def _close_engine(self, engine: _LoadedEngine) -> None:
+        self.slots = {k: s for k, s in self.slots.items() if s.target is not engine}
+        engine.close()
+
+    def close(self) -> None:
+        """Free every engine, captured graph and buffer, then the stream."""
+        self.engines.clear()
+        if self.stream is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def engine_file(self, graph: GraphSpec) -> Path:
         """The bundle's engine for this GPU and TensorRT version; else the engine cache's, built on
@@ -199,46 +230,40 @@ class TensorRTBackend:
             raise BundleError(f"{graph.key}: {stale[0]}")
         return self._cached_engine(graph)
 
-    def _engine_options(self):
-        from mordasr.export.engines import EngineOptions
-
+    def _engine_options(self) -> EngineOptions:
         sizes = {k: f"{hw[1]}x{hw[0]}" for k, hw in self.manifest.profile.items()}
         builder = self.manifest.device.get("builder", {})
-        return EngineOptions(**{f"{k}_size": v for k, v in sizes.items()},
+        return EngineOptions(min_size=sizes["min"], opt_size=sizes["opt"], max_size=sizes["max"],
                              refittable=self.bucket_switch == "refit",
                              workspace_mb=builder.get("workspace_mb", 4096),
                              tactic_dram_mb=builder.get("tactic_dram_mb"),
                              optimization_level=builder.get("optimization_level", 3))
 
     def _cached_engine(self, graph: GraphSpec) -> Path:
-        hint = trtexec_hint(self.bundle_dir, graph.file)
-        try:
-            from mordasr.export.engines import build_engine
-            from mordasr.export.tensorrt_config import profile_shapes
-        except ImportError:  # the runtime-only install has no exporter
-            build_engine = None
-        if build_engine is None or not self.manifest.profile:
-            raise BundleError(f"no TensorRT engine for {graph.key} on this device and this install cannot "
-                              f"build one; build it with: {hint}")
+        hint = build_hint(self.bundle_dir, graph.file)
+        if not self.manifest.profile:
+            raise BundleError(f"no TensorRT engine for {graph.key} on this device and the bundle records no "
+                              f"shape profile to build one; build it with: {hint}")
         options = self._engine_options()
         profile = profile_shapes(self.manifest, graph, options.min_size, options.opt_size, options.max_size)
         key = EngineKey.make(graph.key, self.cc, str(self.version), graph.precision, profile,
                              self.manifest.content_hash(), options.refittable)
         timing = self.cache.timing_cache(self.cc, str(self.version))
-        timing.parent.mkdir(parents=True, exist_ok=True)
-        build = (lambda: build_engine(self.trt, self.bundle_dir, self.manifest, graph, options, self.version, timing)
+        build = ((lambda: build_engine(self.bundle_dir, self.manifest, graph, options, timing))
                  if self.build_missing else None)
         return resolve_engine(self.cache, key, build, hint)
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pack = (self.manifest.weight_pack(graph.component, graph.bucket)
-                if self.bucket_switch == "refit" and graph.bucket is not None and not graph.fallback else None)
-        if pack is None:
+        bucket = graph.bucket
+        if (self.bucket_switch != "refit" or bucket is None or graph.fallback
+                or self.manifest.weight_pack(graph.component, bucket) is None):
             engine = self.engines.get(graph.key, lambda: _LoadedEngine(self, self.engine_file(graph)))
         else:
             base = self.manifest.graph(graph.component, 0)
             engine = self.engines.get(base.key, lambda: _LoadedEngine(self, self.engine_file(base)))
-            if engine.bucket != graph.bucket:
-                engine.refit(load_weight_pack(self.bundle_dir, pack))
-                engine.bucket = graph.bucket
+            slot = self.slots.get(base.key)
+            if slot is None or slot.target is not engine:
+                # a freshly loaded engine holds bucket 0's weights, as built
+                slot = self.slots[base.key] = BucketSlot(engine, bucket=0)
+            switch_bucket(slot, bucket, pack_loader(self.bundle_dir, self.manifest, graph.component))
         return engine.run(feeds, [o.name for o in graph.outputs], self.cuda_graphs)

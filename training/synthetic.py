@@ -64,7 +64,8 @@ def target_scores(deg: Degradation, scale: int = 4) -> np.ndarray:
     blur = min(deg.blur_sigma / MAX_BLUR_SIGMA, 1.0)
     noise = min(deg.noise_sigma / MAX_NOISE_SIGMA, 1.0)
     lo, hi = JPEG_QUALITY_RANGE
-    compression = 0.0 if deg.jpeg_quality is None else float(np.clip((hi - deg.jpeg_quality) / (hi - lo), 0, 1)) * 0.8 + 0.2
+    compression = (0.0 if deg.jpeg_quality is None
+                   else float(np.clip((hi - deg.jpeg_quality) / (hi - lo), 0, 1)) * 0.8 + 0.2)
     resolution = min(1.0, 0.25 + 0.75 * blur)
     edges = min(1.0, 0.7 * blur + 0.3 * compression)
     detail = max(blur, 0.6 * noise, 0.6 * compression)
@@ -80,3 +81,30 @@ def degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
     lr = np.stack([degrade(hr, d, scale, rng) for hr, d in zip(hr_batch, degradations)])
     targets = np.stack([target_scores(d, scale) for d in degradations])
     return lr, degradations, targets
+
+
+# The base's training mix: clean bicubic (the standard benchmark), the synthetic chain above with
+# random strengths, and Real-ESRGAN's second-order chain; one kind drawn per image.
+BASE_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
+
+
+def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
+                         mix: tuple[tuple[str, float], ...] = BASE_MIX) -> np.ndarray:
+    """LR batch (N, h, w, 3) with each image degraded by a kind drawn from ``mix``."""
+    import torch
+
+    from mordasr.training.realesrgan import RealESRGANConfig, degrade_realesrgan
+
+    kinds = rng.choice([k for k, _ in mix], size=len(hr_batch), p=[p for _, p in mix])
+    lr = np.empty((len(hr_batch), hr_batch.shape[1] // scale, hr_batch.shape[2] // scale, 3), np.float32)
+    for i, kind in enumerate(kinds):
+        if kind == "clean":
+            lr[i] = degrade(hr_batch[i], Degradation(), scale, rng)
+        elif kind == "synthetic":
+            lr[i] = degrade(hr_batch[i], random_degradation(rng), scale, rng)
+    real = np.flatnonzero(kinds == "realesrgan")
+    if len(real):
+        hr = torch.from_numpy(np.ascontiguousarray(hr_batch[real].transpose(0, 3, 1, 2)))
+        out = degrade_realesrgan(hr, scale, RealESRGANConfig(), rng)
+        lr[real] = out.numpy().transpose(0, 2, 3, 1)
+    return lr

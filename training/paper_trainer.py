@@ -31,7 +31,7 @@ from mordasr.model.adapters.mor import MoRLayer
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.checkpoint import load_latest, restore_rng, rng_state, save_state
 from mordasr.training.common import nchw, psnr
-from mordasr.training.fit_config import FitConfig, write_resolved
+from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
 from mordasr.training.perceptual import perceptual_loss, ssim
 from mordasr.training.realesrgan import degrade_realesrgan
@@ -149,7 +149,8 @@ def router_statistics(model: nn.Module, severity: torch.Tensor) -> dict:
         return {}
     per_sample = torch.stack(active).mean(0).detach().cpu()
     sev = severity.detach().float().cpu()
-    corr = float(torch.corrcoef(torch.stack([per_sample, sev]))[0, 1]) if len(sev) > 1 and sev.std() > 0 and per_sample.std() > 0 else 0.0
+    varied = len(sev) > 1 and sev.std() > 0 and per_sample.std() > 0
+    corr = float(torch.corrcoef(torch.stack([per_sample, sev]))[0, 1]) if varied else 0.0
     slots = max(u.numel() for u in usage)
     hist = torch.stack([F.pad(u.detach().cpu(), (0, slots - u.numel())) for u in usage]).mean(0)
     return {"active_ranks": float(per_sample.mean()), "active_ranks_vs_severity": corr,

@@ -1,4 +1,7 @@
-"""What a TensorRT build needs, decided without TensorRT: flags per version, shape profiles, names.
+"""What a TensorRT build needs, decided without TensorRT: flags per version, shape profiles,
+which graphs get engines, and the build options. The builder (``runtime/trt_build.py``) and the
+on-device script (``export/engine_script.py``) both read these decisions, so they build the same
+engine.
 
 Two API generations:
 - TensorRT 10 (JetPack 6 on Orin): weak typing by default: the network's reduced precision comes
@@ -10,7 +13,9 @@ Two API generations:
 Refit: REFIT makes every weight refittable. TensorRT 11.3 documents that REFIT may drop a GEMM
 bias (its known issues); REFIT_IDENTICAL avoids it but only allows refitting identical weights,
 which bucket switching does not do, so 11.3+ uses REFIT_INDIVIDUAL with just the weight-pack
-tensors marked refittable.
+tensors marked refittable (``INetworkDefinition.mark_weights_refittable``). trtexec has no
+option for either, so those builds go through Polygraphy (``polygraphy convert`` with the
+bundle's ``engines/trt_postprocess.py``), never through trtexec.
 """
 
 from __future__ import annotations
@@ -24,6 +29,43 @@ from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_WORKSPACE_MB = 4096
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
+
+
+@dataclass
+class EngineOptions:
+    min_size: str = "256"
+    opt_size: str = "512"
+    max_size: str = "1024"
+    batch: tuple[int, int, int] = (1, 1, 1)
+    refittable: bool = False
+    strongly_typed: bool | None = None
+    workspace_mb: int = DEFAULT_WORKSPACE_MB
+    optimization_level: int = DEFAULT_OPT_LEVEL
+    tactic_dram_mb: int | None = None  # cap on builder tactic memory (unified memory on Jetson)
+
+    def pool_limits_mb(self) -> dict[str, int]:
+        """Memory pool caps by ``trt.MemoryPoolType`` name (Polygraphy's ``--pool-limit`` names
+        them in lower case)."""
+        pools = {"WORKSPACE": self.workspace_mb}
+        if self.tactic_dram_mb:
+            # On a Jetson the builder's tactic memory comes out of the RAM the OS runs in: an
+            # uncapped build runs out of memory for an engine that would fit (NVIDIA/TensorRT#3355).
+            pools["TACTIC_DRAM"] = self.tactic_dram_mb
+        return pools
+
+
+def engine_graphs(manifest: Manifest, refittable: bool) -> list[GraphSpec]:
+    """Graphs that get an engine. A refittable folded bundle with weight packs builds bucket 0's
+    encoder and UNet only: the other buckets are reached by refitting those engines."""
+    graphs = []
+    for g in manifest.graphs:
+        if (refittable and not g.fallback and g.bucket not in (None, 0)
+                and manifest.weight_pack(g.component, g.bucket) is not None):
+            continue
+        graphs.append(g)
+    return graphs
 
 
 @dataclass
@@ -35,15 +77,26 @@ class BuildSettings:
     refit_only_packs: bool = False  # mark only weight-pack tensors refittable
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def needs_postprocess(self) -> bool:
+        """REFIT_INDIVIDUAL and the marking of refittable weights exist in TensorRT's API only:
+        neither trtexec nor Polygraphy's flags can ask for them."""
+        return self.refit_only_packs or "REFIT_INDIVIDUAL" in self.builder_flags
+
+    def polygraphy_args(self) -> list[str]:
+        """``polygraphy convert`` flags (REFIT_INDIVIDUAL goes through the postprocess script)."""
+        mapping = {"FP16": "--fp16", "INT8": "--int8", "REFIT": "--refittable"}
+        args = ["--strongly-typed"] if "STRONGLY_TYPED" in self.network_flags else []
+        return args + [mapping[f] for f in self.builder_flags if f in mapping]
+
     def trtexec_args(self) -> list[str]:
-        args = []
-        if "STRONGLY_TYPED" in self.network_flags:
-            args.append("--stronglyTyped")
-        mapping = {"FP16": "--fp16", "INT8": "--int8", "REFIT": "--refit", "REFIT_INDIVIDUAL": "--refit"}
-        for flag in self.builder_flags:
-            if flag in mapping and mapping[flag] not in args:
-                args.append(mapping[flag])
-        return args
+        """trtexec flags; refused where trtexec would build a different engine (see module doc)."""
+        if self.needs_postprocess:
+            raise MordasrError("trtexec cannot build this engine: REFIT_INDIVIDUAL with marked "
+                               "weights exists only in TensorRT's API; build it with Polygraphy")
+        mapping = {"FP16": "--fp16", "INT8": "--int8", "REFIT": "--refit"}
+        args = ["--stronglyTyped"] if "STRONGLY_TYPED" in self.network_flags else []
+        return args + [mapping[f] for f in self.builder_flags if f in mapping]
 
 
 def build_settings(version: TensorRTVersion, precision: str, refittable: bool = False,

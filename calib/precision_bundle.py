@@ -26,7 +26,7 @@ from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT, quantize_int8
 from mordasr.calib.qdq_lint import lint_qdq
 from mordasr.errors import BundleError, MordasrError
 from mordasr.export.lint import check_bundle_graphs
-from mordasr.export.weight_packs import write_weight_packs
+from mordasr.export.pack_writer import write_weight_packs
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest, sha256_file
 from mordasr.runtime.pipeline import Restorer
 

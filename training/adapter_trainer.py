@@ -4,7 +4,7 @@ Trains only the adapters (LoRA/MoR on the encoder and UNet, and the MoR routers)
 frozen base, on synthetic degradations of the shipped photographs; validates on fixed degraded
 crops of held-out photographs (PSNR of the model and of bicubic upsampling).
 Paper-fidelity training (Real-ESRGAN degradations, VSD, GAN, resume, torchrun) is
-``mordasr-train fit`` (``training/fit.py``); this quick path serves the demo and the benchmarks.
+``mordasr-train fit`` (``training/paper_trainer.py``); this quick path serves the demo and the benchmarks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mordasr.model.io import save_checkpoint
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.common import nchw, psnr, seed_everything
 from mordasr.training.data import CropSampler, sample_images
-from mordasr.training.degrade import degraded_batch, random_degradation
+from mordasr.training.synthetic import degraded_batch, random_degradation
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,80 @@
+"""``mordasr-eval``: score bundles and checkpoints on HR photographs, side by side with bicubic."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from mordasr.benchmarks.recipes import RECIPES, STANDARD, recipe_help
+
+
+def _recipes(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    expanded: list[str] = []
+    for name in names:
+        if name == "standard":
+            expanded += list(STANDARD)
+        elif name == "severities":
+            expanded += [n for n in RECIPES if n not in STANDARD]
+        elif name in RECIPES:
+            expanded.append(name)
+        else:
+            raise click.BadParameter(f"unknown recipe {name!r}; choose from standard, severities, "
+                                     + ", ".join(RECIPES), param_hint="--recipe")
+    return list(dict.fromkeys(expanded))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Recipes (LR = recipe(HR), seeded per image): " + recipe_help())
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Folder of HR photographs (recursive), e.g. a held-out set never trained on.")
+@click.option("--recipe", "recipe_text", default="standard", show_default=True,
+              help="Comma-separated recipe names, 'standard' (bicubic-x4, mixed-x4, realesrgan-x4) "
+                   "or 'severities' (the noise/blur/JPEG grid).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("eval-out"), show_default=True,
+              help="Folder for eval.json (per image and means) and eval.md (the table).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend for bundles.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime threads for bundles [default: all cores].")
+@click.option("--lpips-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Local state dict of lpips.LPIPS(net='vgg'): adds LPIPS (needs torch).")
+@click.option("--save-images", is_flag=True, help="Also write every LR input and output under OUT/images/.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limit: int | None, backend: str,
+         threads: int | None, lpips_weights: Path | None, save_images: bool, quiet: bool) -> None:
+    """Y-PSNR / Y-SSIM (BT.601, 4-pixel border), RGB PSNR and colour shift of each TARGET.
+
+    \b
+    TARGET: a bundle folder (run through the torch-free runtime, mordasr-run's defaults), a
+    checkpoint folder (PyTorch; a base checkpoint runs without adapters), or 'bicubic'
+    (always included). Name one with LABEL=PATH.
+
+    \b
+    mordasr-eval bundles/mor base=mordasr/model/pretrained/tiny --data ../shared/data/val-hr
+    """
+    from tqdm import tqdm
+
+    from mordasr.benchmarks.evaluate import evaluate, load_hr, markdown, resolve_target, write_results
+    from mordasr.cli_errors import fail_on_errors
+
+    logging.basicConfig(level=logging.WARNING)
+    recipes = _recipes(recipe_text)
+    with fail_on_errors("mordasr-eval"):
+        resolved = [resolve_target(t, backend, threads) for t in targets]
+        images = load_hr(data, limit)
+        bar = tqdm(total=len(images) * len(recipes), disable=quiet, desc="eval", dynamic_ncols=True)
+        results = evaluate(resolved, images, recipes, lpips_weights, out / "images" if save_images else None,
+                           progress=lambda _msg: bar.update())
+        bar.close()
+        results["data"] = str(data)
+        paths = write_results(results, out)
+    click.echo(markdown(results))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

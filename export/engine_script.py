@@ -1,0 +1,289 @@
+"""``build_engines.sh`` and ``verify_engines.sh``: the engine builds and their check, for the device.
+
+A plan is tied to its GPU and TensorRT version, so a Jetson builds its own engines. The script
+builds with **Polygraphy** (``polygraphy convert --convert-to trt``, as TensorRT's demo/Diffusion
+does) through the device's Python ``tensorrt`` -- the same builder, flags, memory pools
+(``--pool-limit tactic_dram:...`` keeps the Jetson cap), timing-cache locking and refit marking
+(``engines/trt_postprocess.py``) as ``mordasr-export --engines`` -- so both paths build the same
+engine. ``BUILDER=trtexec`` is the fallback for a device without Polygraphy: trtexec's
+``--memPoolSize`` has no tactic-DRAM pool (the cap is dropped, and the script says so) and it has no
+per-weight refit, so refittable builds on TensorRT 11.3+ are refused there rather than built
+differently. The TensorRT version is the builder's own: Python's ``tensorrt`` for Polygraphy,
+trtexec's banner for trtexec.
+
+``verify_engines.sh`` runs each graph in ONNX Runtime on seeded inputs at the profile's opt shape
+and compares every built engine with it through ``polygraphy run``, with tolerances per precision
+(tighter ones from the bundle's accuracy report where it has one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from mordasr.errors import MordasrError
+from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.engine_names import TensorRTVersion
+from mordasr.runtime.manifest import GraphSpec, Manifest
+from mordasr.runtime.trt_settings import EngineOptions, build_settings, engine_graphs, profile_shapes
+
+SCRIPT_NAME = "build_engines.sh"
+VERIFY_NAME = "verify_engines.sh"
+POSTPROCESS = "engines/trt_postprocess.py"
+# The TensorRT API generations whose build settings differ (see runtime/trt_settings.py).
+VARIANTS = {"10": TensorRTVersion(10), "11": TensorRTVersion(11), "11.3": TensorRTVersion(11, 3)}
+# |engine - ONNX Runtime| allowed per precision when the bundle has no accuracy report.
+DEFAULT_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
+
+_HEADER = r"""#!/usr/bin/env bash
+# Build TensorRT engines for this mordasr bundle ({mode}, {precision}) on the device that runs them.
+# Written by mordasr-export. Usage: bash build_engines.sh   (env: BUILDER=polygraphy|trtexec, SM,
+# TRT_VERSION, TRTEXEC). Profiles in output pixels: min {min_size}, opt {opt_size}, max {max_size};
+# batch {batch}. Workspace {workspace} MiB{tactic_note}.
+#
+# BUILDER=polygraphy (the default where `pip install polygraphy` and the Python tensorrt that JetPack
+# ships both import) builds exactly what `mordasr-export --engines` builds. BUILDER=trtexec cannot
+# cap the builder's tactic DRAM (trtexec's --memPoolSize has no such pool) and cannot build
+# refittable engines on TensorRT 11.3+ (REFIT_INDIVIDUAL exists only in the API): it refuses those.
+set -euo pipefail
+set -f  # the build arguments hold [shapes]: never glob them
+cd "$(dirname "$0")"
+
+BUILDER="${{BUILDER:-auto}}"
+if [ "$BUILDER" = auto ]; then
+    if command -v polygraphy >/dev/null && python3 -c 'import tensorrt; tensorrt.Builder' 2>/dev/null; then
+        BUILDER=polygraphy
+    else
+        BUILDER=trtexec
+    fi
+fi
+if [ "$BUILDER" = polygraphy ]; then
+    # The version of the TensorRT that builds: Polygraphy builds with Python's tensorrt.
+    TRT_VERSION="${{TRT_VERSION:-$(python3 -c 'import tensorrt; print(tensorrt.__version__)')}}"
+elif [ "$BUILDER" = trtexec ]; then
+    TRTEXEC="${{TRTEXEC:-$(command -v trtexec || true)}}"
+    if [ -z "$TRTEXEC" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then
+        TRTEXEC=/usr/src/tensorrt/bin/trtexec  # JetPack installs it here, off PATH
+    fi
+    if [ -z "$TRTEXEC" ]; then
+        echo "build_engines.sh: neither Polygraphy (pip install polygraphy) nor trtexec is here;" \\
+            "set TRTEXEC=/path/to/trtexec" >&2
+        exit 2
+    fi
+    if [ -z "${{TRT_VERSION:-}}" ]; then
+        # The version of the trtexec that builds, from its banner: "[TensorRT v100300]" is 10.3.0.
+        code="$("$TRTEXEC" --help 2>&1 | grep -o 'TensorRT v[0-9]*' | head -n1 | tr -dc '0-9')"
+        if [ -n "$code" ]; then
+            TRT_VERSION="$((code / 10000)).$((code / 100 % 100)).$((code % 100))"
+        fi
+    fi
+{tactic_warning}else
+    echo "build_engines.sh: BUILDER must be polygraphy or trtexec, not $BUILDER" >&2
+    exit 2
+fi
+if [ -z "${{TRT_VERSION:-}}" ]; then
+    echo "build_engines.sh: cannot tell the TensorRT version; set TRT_VERSION=10.3.0 (for example)" >&2
+    exit 2
+fi
+TRT_VERSION="$(echo "$TRT_VERSION" | awk -F. '{{printf "%d.%d.%d", $1, $2, $3}}')"
+TRT_MAJOR="${{TRT_VERSION%%.*}}"
+TRT_MINOR="$(echo "$TRT_VERSION" | cut -d. -f2)"
+if [ "$TRT_MAJOR" -lt 10 ]; then
+    echo "build_engines.sh: TensorRT $TRT_VERSION is too old; mordasr needs TensorRT 10 or 11" >&2
+    exit 2
+elif [ "$TRT_MAJOR" -eq 10 ]; then VARIANT=0
+elif [ "$TRT_MINOR" -lt 3 ]; then VARIANT=1
+else VARIANT=2
+fi
+if [ -z "${{SM:-}}" ]; then
+    SM="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. ' || true)"
+fi
+if [ -z "$SM" ]; then
+    echo "build_engines.sh: cannot read the GPU's compute capability; set SM (87 for Jetson Orin)" >&2
+    exit 2
+fi
+mkdir -p engines
+TIMING_CACHE="engines/timing.sm${{SM}}.trt${{TRT_VERSION}}.cache"
+echo "building with $BUILDER, TensorRT $TRT_VERSION, sm$SM"
+
+build() {{  # build GRAPH ENGINE PG_ARGS(3 variants) TRTEXEC_ARGS(3 variants)
+    local graph="$1" engine="$2" args
+    local variants=("$3" "$4" "$5" "$6" "$7" "$8")
+    if [ "$BUILDER" = polygraphy ]; then args="${{variants[$VARIANT]}}"
+    else args="${{variants[$((VARIANT + 3))]}}"; fi
+    if [ "$args" = REFUSED ]; then
+        echo "build_engines.sh: trtexec cannot build $engine the way mordasr does (a refittable" \\
+            "engine on TensorRT 11.3+ needs REFIT_INDIVIDUAL with marked weights);" \\
+            "pip install polygraphy and run with BUILDER=polygraphy" >&2
+        exit 2
+    fi
+    echo "== $graph -> $engine"
+    if [ "$BUILDER" = polygraphy ]; then
+        # shellcheck disable=SC2086  # args is a word list on purpose
+        polygraphy convert "$graph" --convert-to trt -o "$engine.partial" $args \
+            --pool-limit {pools} --builder-optimization-level {opt_level} \
+            --load-timing-cache "$TIMING_CACHE" --save-timing-cache "$TIMING_CACHE"
+    else
+        # shellcheck disable=SC2086
+        "$TRTEXEC" --onnx="$graph" --saveEngine="$engine.partial" $args \
+            --timingCacheFile="$TIMING_CACHE" --memPoolSize=workspace:{workspace}M \
+            --builderOptimizationLevel={opt_level} --skipInference
+    fi
+    mv "$engine.partial" "$engine"  # an interrupted build leaves no engine the runtime would load
+}}
+
+"""
+
+_POSTPROCESS = '''"""TensorRT build steps only its API can express, for `polygraphy convert`.
+
+Written by mordasr-export.
+
+--trt-npps {file}:mark_<graph> marks exactly the weight-pack tensors refittable;
+--trt-cpps {file}:refit_individual makes only those refittable (TensorRT 11.3+).
+"""
+
+import json
+from pathlib import Path
+
+MARKS = json.loads((Path(__file__).parent / "refit_marks.json").read_text())
+
+
+def _mark(network, names):
+    refused = [name for name in names if not network.mark_weights_refittable(name)]
+    if refused:
+        raise RuntimeError(f"TensorRT would not mark {{len(refused)}} weight-pack tensors refittable "
+                           f"(e.g. {{refused[0]}}): the pack does not match the graph; re-export the bundle")
+
+
+def refit_individual(builder, network, config):
+    import tensorrt as trt
+
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+
+{functions}'''
+
+
+def _function_name(graph: GraphSpec) -> str:
+    return "mark_" + re.sub(r"\W", "_", graph.key)
+
+
+def _shape_args(profile: dict[str, list[list[int]]], style: str) -> list[str]:
+    args = []
+    if style == "polygraphy":
+        for flag, i in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
+            args.append(flag)
+            args += [f"{name}:[{','.join(map(str, s[i]))}]" for name, s in profile.items()]
+        return args
+    for flag, i in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+        args.append(f"{flag}=" + ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in profile.items()))
+    return args
+
+
+def _variant_args(graph: GraphSpec, options: EngineOptions, profile: dict, version: TensorRTVersion,
+                  builder: str, marked: bool) -> str:
+    settings = build_settings(version, graph.precision, options.refittable,
+                              options.strongly_typed if version.major == 10 else None)
+    if builder == "polygraphy":
+        args = settings.polygraphy_args()
+        if settings.refit_only_packs and marked:
+            args += ["--trt-npps", f"{POSTPROCESS}:{_function_name(graph)}"]
+        if "REFIT_INDIVIDUAL" in settings.builder_flags:
+            args += ["--trt-cpps", f"{POSTPROCESS}:refit_individual"]
+    else:
+        try:
+            args = settings.trtexec_args()
+        except MordasrError:
+            return "REFUSED"
+    args += _shape_args(profile, builder)
+    if any(not a or any(c.isspace() or c in "'\"$`\\*?" for c in a) for a in args):
+        raise MordasrError(f"{graph.file}: an input name or flag cannot be written into the build script: {args}")
+    return " ".join(args)  # split into words by the script, which disables globbing (set -f)
+
+
+def build_script(manifest: Manifest, options: EngineOptions, marked: set[str] = frozenset()) -> str:
+    pools = " ".join(f"{name.lower()}:{mb}M" for name, mb in options.pool_limits_mb().items())
+    tactic_note = f", builder tactic DRAM capped at {options.tactic_dram_mb} MiB" if options.tactic_dram_mb else ""
+    tactic_warning = ""
+    if options.tactic_dram_mb:
+        tactic_warning = (f'    echo "build_engines.sh: warning: trtexec cannot cap tactic DRAM at '
+                          f'{options.tactic_dram_mb} MiB (no such --memPoolSize pool); builds may run out of '
+                          f'memory on a Jetson: pip install polygraphy keeps the cap" >&2\n')
+    text = _HEADER.format(mode=manifest.mode, precision=manifest.precision, min_size=options.min_size,
+                          opt_size=options.opt_size, max_size=options.max_size,
+                          batch="/".join(map(str, options.batch)), workspace=options.workspace_mb,
+                          opt_level=options.optimization_level, pools=pools, tactic_note=tactic_note,
+                          tactic_warning=tactic_warning)
+    lines = []
+    for graph in engine_graphs(manifest, options.refittable):
+        profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size, options.batch)
+        engine = f"engines/{graph.key}.sm${{SM}}.trt${{TRT_VERSION}}.{graph.precision}.plan"
+        variants = [_variant_args(graph, options, profile, v, b, graph.key in marked)
+                    for b in ("polygraphy", "trtexec") for v in VARIANTS.values()]
+        lines.append(f"build {shlex.quote(graph.file)} \"{engine}\" " + " ".join(shlex.quote(v) for v in variants))
+    lines.append('echo "engines written to $(pwd)/engines; check them with: bash verify_engines.sh"')
+    return text + "\n".join(lines) + "\n"
+
+
+def postprocess_script(bundle_dir: Path, manifest: Manifest, options: EngineOptions) -> tuple[str, dict]:
+    """The postprocess module and the names it marks, per refittable bucket-0 graph."""
+    from mordasr.runtime.trt_build import pack_names
+
+    marks, functions = {}, []
+    if options.refittable:
+        for graph in engine_graphs(manifest, True):
+            names = pack_names(bundle_dir, manifest, graph)
+            if names:
+                marks[graph.key] = names
+                functions.append(f"def {_function_name(graph)}(network):\n    _mark(network, MARKS[{graph.key!r}])\n")
+    return _POSTPROCESS.format(file=POSTPROCESS, functions="\n\n".join(functions)), marks
+
+
+def _tolerances(bundle_dir: Path, graph: GraphSpec) -> tuple[float, float]:
+    atol, rtol = DEFAULT_TOLERANCES.get(graph.precision, DEFAULT_TOLERANCES["fp32"])
+    report = bundle_dir / "accuracy.json"
+    if report.is_file() and graph.precision != "fp32":
+        # The report measures the bundle's graphs against FP32 on calibration images; an engine
+        # may add its own rounding on top, so allow twice that before calling it a mismatch.
+        errors = [r.get("max_abs_error") for r in json.loads(report.read_text()).get("rows", [])]
+        errors = [e for e in errors if isinstance(e, (int, float))]
+        if errors:
+            atol = max(atol, 2 * max(errors))
+    return atol, rtol
+
+
+def verify_script(bundle_dir: Path, manifest: Manifest, options: EngineOptions) -> str:
+    lines = ["#!/usr/bin/env bash",
+             "# Compare every built engine with ONNX Runtime on the same seeded inputs (written by mordasr-export).",
+             "# Needs: pip install polygraphy onnxruntime; the Python tensorrt the engines were built with.",
+             "set -euo pipefail", 'cd "$(dirname "$0")"', "mkdir -p engines/verify", "status=0",
+             'for plan in engines/*.plan; do',
+             '    [ -e "$plan" ] || { echo "no engines: run build_engines.sh first" >&2; exit 2; }; break',
+             'done',
+             ""]
+    for graph in engine_graphs(manifest, options.refittable):
+        profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size, options.batch)
+        shapes = " ".join(f"{name}:[{','.join(map(str, s[1]))}]" for name, s in profile.items())
+        atol, rtol = _tolerances(bundle_dir, graph)
+        ref = f"engines/verify/{graph.key}"
+        lines += [f"# {graph.key} ({graph.precision}): atol {atol:g}, rtol {rtol:g}",
+                  f"polygraphy run {shlex.quote(graph.file)} --onnxrt --input-shapes {shapes} --val-range [0,1] "
+                  f"--seed 0 --save-inputs {ref}.inputs.json --save-outputs {ref}.onnxrt.json",
+                  f"for plan in engines/{graph.key}.sm*.{graph.precision}.plan; do",
+                  f"    polygraphy run \"$plan\" --model-type engine --trt --load-inputs {ref}.inputs.json "
+                  f"--load-outputs {ref}.onnxrt.json --atol {atol:g} --rtol {rtol:g} || status=1",
+                  "done", ""]
+    lines += ['if [ "$status" -eq 0 ]; then echo "every engine matches ONNX Runtime"',
+              'else echo "some engines differ: see above" >&2; fi',
+              'exit "$status"']
+    return "\n".join(lines) + "\n"
+
+
+def write_engine_scripts(bundle_dir: str | Path, manifest: Manifest, options: EngineOptions) -> list[Path]:
+    bundle_dir = Path(bundle_dir)
+    module, marks = postprocess_script(bundle_dir, manifest, options)
+    return [atomic_write(bundle_dir / SCRIPT_NAME, build_script(manifest, options, set(marks)), mode=0o755),
+            atomic_write(bundle_dir / VERIFY_NAME, verify_script(bundle_dir, manifest, options), mode=0o755),
+            atomic_write(bundle_dir / POSTPROCESS, module),
+            atomic_write(bundle_dir / "engines" / "refit_marks.json", json.dumps(marks, indent=1) + "\n")]

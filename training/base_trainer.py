@@ -1,0 +1,283 @@
+"""The tiny preset's stand-in for a pretrained diffusion model, trained on HR photographs.
+
+MoR-DASR fine-tunes adapters on a pretrained model; SD weights cannot be had offline, so the
+``tiny`` base is trained from scratch, in three stages:
+
+1. ``vae``: the autoencoder alone (L1 reconstruction of HR crops through the latent mean);
+2. ``sr``: the whole one-step path end to end -- bicubic-upsampled LR -> encoder -> UNet at the
+   fixed timestep -> x0 step -> decoder -- against the HR crop (L1), on a mix of clean bicubic,
+   synthetic (blur/noise/JPEG) and Real-ESRGAN second-order degradations, while the HR
+   reconstruction term keeps the autoencoder an autoencoder and a latent term points the x0 step
+   at the HR image's latent;
+3. ``estimator``: the degradation estimator, fitted to the known parameters of synthetic
+   degradations.
+
+The adapters then specialise this base per degradation, routed by the estimator's scores. The
+result ships as ``mordasr/model/pretrained/tiny``; ``mordasr-train base --data DIR`` reproduces it
+from any folder of HR photographs. Each stage writes a resume state every
+``checkpoint_every`` steps (``OUT/.resume/<stage>.pt``: weights, optimizer, scheduler, every RNG),
+so a killed run continues where it stopped, and the checkpoint after each finished stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mordasr.model import OneStepSR, preset_config
+from mordasr.model.io import save_checkpoint
+from mordasr.training.common import nchw, psnr, seed_everything
+from mordasr.training.data import CropSampler, sample_images
+from mordasr.training.synthetic import Degradation, degraded_batch, mixed_degraded_batch
+from mordasr.training.base_config import BaseTrainingConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vae", "sr", "estimator")
+
+
+def training_images(cfg: BaseTrainingConfig, crop: int):
+    """Crop sampler over ``cfg.data`` (any folder of HR photographs) or scikit-image's photographs."""
+    if cfg.data:
+        from mordasr.training.datasets import HRFolder
+
+        return HRFolder(cfg.data, crop, cfg.seed)
+    return CropSampler(sample_images("train"), crop, cfg.seed)
+
+
+class _Resumable:
+    """Saves and restores a stage's full training state: module, optimizer, scheduler, step, RNGs."""
+
+    def __init__(self, out: Path, stage: str, module: torch.nn.Module, opt, sched,
+                 generators: list[np.random.Generator]) -> None:
+        self.path = out / ".resume" / f"{stage}.pt"
+        self.module, self.opt, self.sched, self.generators = module, opt, sched, generators
+
+    def load(self) -> int:
+        if not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        for gen, gen_state in zip(self.generators, state["numpy"]):
+            gen.bit_generator.state = gen_state
+        torch.set_rng_state(state["torch"])
+        log.info("resumed %s at step %d", self.path, state["step"])
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"module": self.module.state_dict(), "opt": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(), "step": step,
+                    "numpy": [g.bit_generator.state for g in self.generators],
+                    "torch": torch.get_rng_state()}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+         stage: str, cfg: BaseTrainingConfig, out: Path, generators: list[np.random.Generator],
+         quiet: bool, evaluate: Callable[[], dict[str, float]] | None = None,
+         weight_decay: float = 0.0) -> float:
+    """AdamW with warmup + cosine decay on ``module``'s parameters; ``loss_fn(step)`` gives each loss.
+
+    Resumable (see ``_Resumable``); appends ``evaluate()``'s figures to ``OUT/curves-<stage>.csv``
+    at every resume point. The module is trainable during the fit and frozen afterwards.
+    """
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    state = _Resumable(out, stage, module, opt, sched, generators)
+    start = state.load()
+    curves = out / f"curves-{stage}.csv"
+    module.train()
+    loss_value, running = float("nan"), []
+    bar = tqdm(range(start, steps), desc=stage, disable=quiet, dynamic_ncols=True, initial=start, total=steps)
+    for step in bar:
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage {stage}: non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        running.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.5f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            row = {"step": step + 1, "loss": float(np.mean(running))}
+            running = []
+            if evaluate is not None:
+                module.eval()
+                row.update(evaluate())
+                module.train()
+            _append_row(curves, row)
+            log.info("%s step %d: %s", stage, step + 1, row)
+            state.save(step + 1)
+    for p in params:
+        p.requires_grad_(False)
+    module.eval()
+    state.clear()
+    return loss_value
+
+
+def _append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def identity_start(unet: torch.nn.Module) -> None:
+    """Zero the UNet's output convolution and the second convolution of every ResNet block, so a
+    fresh UNet predicts eps = 0 (the x0 step then passes the latent through) and each block starts
+    as the identity: end-to-end training begins at "bicubic through the autoencoder"."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    for module in [unet.conv_out] + [m.conv2 for m in unet.modules() if isinstance(m, ResnetBlock2D)]:
+        torch.nn.init.zeros_(module.weight)
+        torch.nn.init.zeros_(module.bias)
+
+
+def _latent(model: OneStepSR, x: torch.Tensor) -> torch.Tensor:
+    """Latent mean of images in [-1, 1] (unscaled)."""
+    return model.vae.quant_conv(model.vae.encoder(x))[:, : model.config.latent_channels]
+
+
+def _monitor_set(model: OneStepSR, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed crops of scikit-image's held-out photographs (never trained on) for the curves:
+    half clean bicubic, half blur 1.2 + noise 5/255 + JPEG 70."""
+    rng = np.random.default_rng(seed)
+    hr = CropSampler(sample_images("heldout"), 128, seed).sample(8)
+    degradations = [Degradation()] * 4 + [Degradation(1.2, 5 / 255, 70)] * 4
+    lr, _, _ = degraded_batch(hr, model.config.scale, rng, degradations)
+    return nchw(lr), nchw(hr)
+
+
+def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
+    """L1 reconstruction of HR crops through the latent mean, with a small latent penalty."""
+    sampler = training_images(cfg, cfg.crop)
+    _, mon_hr = _monitor_set(model)
+
+    def loss(_step: int) -> torch.Tensor:
+        x = nchw(sampler.sample(cfg.batch)) * 2 - 1
+        z = _latent(model, x)
+        return (model.vae.decode(z).sample - x).abs().mean() + 1e-4 * z.pow(2).mean()
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        rec = model.vae.decode(_latent(model, mon_hr * 2 - 1)).sample
+        return {"recon_psnr": psnr((rec + 1) / 2, mon_hr)}
+
+    return _fit(model.vae, loss, cfg.vae_steps, cfg.lr, "vae", cfg, out, [sampler.rng], quiet, evaluate)
+
+
+def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
+    """The whole one-step path end to end (encoder, UNet, decoder) on mixed degradations."""
+    rng = np.random.default_rng(cfg.seed + 2)
+    sampler = training_images(cfg, cfg.crop)
+    mon_lr, mon_hr = _monitor_set(model)
+    trained = torch.nn.ModuleDict({"vae": model.vae, "unet": model.unet})
+    n_recon = max(1, cfg.batch // 4)
+
+    def loss(_step: int) -> torch.Tensor:
+        hr = sampler.sample(cfg.batch)
+        lr = mixed_degraded_batch(hr, model.config.scale, rng)
+        lr_t, hr_t = nchw(lr), nchw(hr)
+        z_l = model.encode(lr_t)
+        z_h = model.schedule.x0(z_l, model.denoise(z_l))
+        restored = (model.vae.decode(z_h / model.config.latent_scale).sample + 1) / 2
+        x = hr_t[:n_recon] * 2 - 1
+        z_hr = _latent(model, hr_t * 2 - 1)
+        recon = model.vae.decode(z_hr[:n_recon]).sample
+        return ((restored - hr_t).abs().mean()
+                + cfg.recon_weight * (recon - x).abs().mean()
+                + cfg.latent_weight * F.mse_loss(z_h, z_hr.detach() * model.config.latent_scale))
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        out_images = model(mon_lr, torch.zeros(len(mon_lr), model.config.num_degradations))
+        bicubic = F.interpolate(mon_lr, size=mon_hr.shape[-2:], mode="bicubic", align_corners=False)
+        return {"psnr_clean": psnr(out_images[:4], mon_hr[:4]), "psnr_clean_bicubic": psnr(bicubic[:4], mon_hr[:4]),
+                "psnr_mixed": psnr(out_images[4:], mon_hr[4:]), "psnr_mixed_bicubic": psnr(bicubic[4:], mon_hr[4:])}
+
+    return _fit(trained, loss, cfg.sr_steps, cfg.lr / 2, "sr", cfg, out, [sampler.rng, rng], quiet, evaluate)
+
+
+def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
+    """Fit the estimator on LR views of several sizes (resized to the router input), so crops and
+    whole images, whose noise a downscaled view partly hides, both score right."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    size = model.config.router_image_size * model.config.scale  # HR side whose LR is the router input
+    images = training_images(cfg, size // 2).images
+    samplers = [CropSampler(images, c, cfg.seed + c) for c in (size // 2, size * 3 // 4, size)]
+
+    def loss(step: int) -> torch.Tensor:
+        hr = samplers[step % len(samplers)].sample(cfg.batch * 4)
+        lr_images, _, targets = degraded_batch(hr, model.config.scale, rng)
+        scores = model.estimate(nchw(lr_images))
+        return F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets))
+
+    return _fit(model.estimator, loss, cfg.estimator_steps, cfg.lr, "estimator", cfg, out,
+                [rng] + [s.rng for s in samplers], quiet, weight_decay=0.01)
+
+
+def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
+               stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None) -> Path:
+    """Train the given stages in order and write the base checkpoint after each one.
+
+    ``start_from`` continues from an existing base checkpoint (to retrain some stages only);
+    otherwise training starts from random weights. An interrupted stage resumes from its last
+    resume state when the same command runs again.
+    """
+    from mordasr.model.io import load_checkpoint
+
+    cfg.validate()
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    seed_everything(cfg.seed)
+    path = Path(out)
+    work = path.parent / f".{path.name}.work"  # resume states and curves live beside the checkpoint
+    work.mkdir(parents=True, exist_ok=True)
+    source = start_from if start_from is not None else (path if (path / "config.json").is_file() else None)
+    if source is not None:
+        model, meta = load_checkpoint(source, add_adapters=False)
+        losses, done = dict(meta.get("final_losses", {})), list(meta.get("stages_done", []))
+        history = list(meta.get("history", []))
+    else:
+        model, losses, done, history = OneStepSR(preset_config("tiny"), with_adapters=False), {}, [], []
+        identity_start(model.unet)
+    trainers = {"vae": ("vae_l1", train_vae), "sr": ("sr_l1", train_sr),
+                "estimator": ("estimator_bce", train_estimator)}
+    for stage in STAGES:
+        if stage not in stages or (source == path and stage in done and not start_from):
+            continue
+        key, trainer = trainers[stage]
+        losses[key] = trainer(model, cfg, work, quiet)
+        log.info("stage %s finished: %s = %.5f", stage, key, losses[key])
+        done = [s for s in STAGES if s in done or s == stage]
+        history.append({"stage": stage, **vars(cfg), "final_loss": losses[key]})
+        meta = {"kind": "base", "random_weights": False, "training": vars(cfg), "final_losses": losses,
+                "stages_done": done, "history": history}
+        save_checkpoint(model, path, meta)
+    return path

@@ -54,13 +54,18 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
               help="LR sides for the latency-vs-resolution curve.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=4, show_default=True,
               help="Held-out degraded photographs for fidelity.")
+@click.option("--eval-data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="HR photographs never trained on (e.g. ../shared/data/val-hr): adds the Y-PSNR gain "
+                   "over bicubic of every variant per recipe and per noise/blur/JPEG severity.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=8, show_default=True,
+              help="How many of the --eval-data photographs to use.")
 @click.option("--peak-gflops", type=float, default=None,
               help="Device peak GFLOP/s, to report the achieved fraction per component.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
-         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, peak_gflops,
-         seed, quiet):
+         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, eval_data,
+         eval_limit, peak_gflops, seed, quiet):
     """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA, AdaptIR and PyTorch eager.
 
     Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,
@@ -79,7 +84,7 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
                       buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
                       lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
                       mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
-                      adaptir_checkpoint=adaptir_checkpoint)
+                      adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit)
     try:
         cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
         cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())

@@ -45,8 +45,13 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     """
     from tqdm import tqdm
 
-    from mordasr.calib.precision_bundle import build_precision_bundle, bundle_precision, component_precisions, load_fp32_manifest
     from mordasr.calib.data import folder_images, synthetic_images
+    from mordasr.calib.precision_bundle import (
+        build_precision_bundle,
+        bundle_precision,
+        component_precisions,
+        load_fp32_manifest,
+    )
     from mordasr.calib.report import accuracy_report, failing_rows, format_table, write_report
     from mordasr.model.io import load_checkpoint
 
@@ -57,7 +62,7 @@ def calibrate(bundle: Path, out: Path, precision: str, *, checkpoint: Path | Non
     manifest = load_fp32_manifest(bundle)
     chosen = component_precisions(precision, components)
     label = bundle_precision(chosen)
-    checkpoint = checkpoint or Path(manifest.source.get("checkpoint", ""))
+    checkpoint = checkpoint or source_checkpoint(manifest.source, bundle)
     if not checkpoint or not (checkpoint / "config.json").is_file():
         raise MordasrError("the FP32 PyTorch reference is needed for the accuracy report: pass --checkpoint "
                            "(the checkpoint the bundle was exported from)")
@@ -161,6 +166,16 @@ def main(bundle: Path, out: Path, precision: str, component_precision: str | Non
         _fail(str(err), 1 if "failed the accuracy check" in str(err) else 2)
     if not quiet:
         click.echo(f"wrote {out} (report: {out / 'accuracy.md'})")
+
+
+def source_checkpoint(source: dict, bundle: Path) -> Path | None:
+    """The checkpoint a bundle was exported from: beside the bundle as recorded relative to it,
+    else at its absolute path (older bundles: relative to the directory the export ran in)."""
+    relative = source.get("checkpoint_from_bundle")
+    if relative and (Path(bundle) / relative / "config.json").is_file():
+        return Path(bundle) / relative
+    recorded = source.get("checkpoint")
+    return Path(recorded) if recorded else None
 
 
 if __name__ == "__main__":

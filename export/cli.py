@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from dataclasses import replace
@@ -164,7 +165,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                 manifest = export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim,
                                          force=True, random_weights=bool(meta.get("random_weights")),
                                          weight_packs=not no_weight_packs, profile=plan.sizes,
-                                         source={"checkpoint": str(checkpoint),
+                                         source={**checkpoint_source(checkpoint, fp32_out),
                                                  "bucket_placement": bucket_placement},
                                          on_graph=on_graph)
             written = [fp32_out]
@@ -216,6 +217,13 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         if profile is not None:
             click.echo(f"device {profile.name}: budget {profile.budget_bytes / 2**20:.0f} MiB "
                        f"({profile.memory_budget:.0%} of {profile.memory_gib:g} GiB); bucket switch {switch}")
+
+
+def checkpoint_source(checkpoint: Path, bundle: Path) -> dict[str, str]:
+    """Where the bundle came from, findable from any working directory: absolute, and relative to
+    the bundle (for a bundle moved together with its checkpoint)."""
+    return {"checkpoint": str(checkpoint.resolve()),
+            "checkpoint_from_bundle": os.path.relpath(checkpoint.resolve(), bundle.resolve())}
 
 
 def _write_triton(bundle: Path, repo: Path, engines: bool, quiet: bool) -> None:

@@ -57,9 +57,9 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     from mordasr.model.io import load_checkpoint, tiny_base_path
     from mordasr.runtime import Restorer
     from mordasr.runtime.images import read_image, write_image
+    from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
     from mordasr.training.data import load_sample_image
     from mordasr.training.synthetic import Degradation, degrade
-    from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     mode = mode or default_mode(adapter)
     try:

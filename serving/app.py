@@ -78,7 +78,9 @@ class RestoreService:
 
     def health(self) -> dict:
         m = self.restorer.manifest
-        return {"status": "ok", "replica": self.replica(), "bundle": self.config.bundle, "mode": m.mode,
+        # the bundle's name and content hash, never its path on the server
+        return {"status": "ok", "replica": self.replica(), "bundle": Path(self.config.bundle).name,
+                "bundle_hash": m.content_hash(), "mode": m.mode,
                 "precision": m.precision, "preset": m.preset, "scale": m.scale, "backend": self.config.backend,
                 "served": self.served, "batches": self.batches, "largest_batch": self.largest_batch}
 

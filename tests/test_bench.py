@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from mordasr.benchmarks.cli import main as bench_main
 from mordasr.benchmarks.measure import graph_flops, time_call
-from mordasr.benchmarks.runner import BenchConfig, targets
+from mordasr.benchmarks.runner import BenchConfig, interleaved_ratios, targets
 from mordasr.errors import MordasrError
 
 FAST = ["--train-steps", "2", "--iterations", "2", "--warmup", "1", "--lr-size", "16", "--resolutions", "16,24",
@@ -108,9 +109,18 @@ def test_time_call_and_targets():
              "components": {"unet": {"p50_ms": 9.0}}},
             {"variant": "dense-lora", "precision": "fp32", "runtime_overhead": 0.05,
              "components": {"unet": {"p50_ms": 10.0}}}]
-    found = {t["target"]: t for t in targets(rows)}
-    ratio = found["folded UNet latency / merged dense-LoRA UNet latency (fp32)"]
-    assert ratio["ratio"] == pytest.approx(0.9) and ratio["met"]
+    fast, slow = (lambda: time.sleep(0.002)), (lambda: time.sleep(0.004))
+    ratios = interleaved_ratios({("mor-folded", "fp32"): fast, ("dense-lora", "fp32"): slow,
+                                 ("mor-gated", "fp32"): slow}, rounds=4, per_round=2)
+    found = {t["target"]: t for t in targets(rows, ratios)}
+    folded = found["folded UNet latency / merged dense-LoRA UNet latency (fp32)"]
+    assert folded["rounds"] == 4 and folded["ci95"][0] <= folded["ratio"] <= folded["ci95"][1]
+    assert 0.3 < folded["ratio"] < 0.8 and folded["met"]  # ~0.5, its whole interval under 1.00
+    gated = found["gated UNet latency / folded UNet latency (fp32)"]
+    assert gated["ratio"] > 1.3 and not gated["met"]
+    # a ratio under the limit whose interval reaches past it does not count as met
+    wide = targets([], [{"target": "t", "ratio": 0.98, "ci95": [0.90, 1.06], "rounds": 3, "limit": 1.0}])
+    assert not wide[0]["met"]
     assert not found["runtime overhead over raw session time, dense-lora (fp32)"]["met"]
 
 

@@ -4,6 +4,7 @@ measured, calibration is deterministic, and bad input fails cleanly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from mordasr.calib.precision_bundle import build_precision_bundle
 from mordasr.calib.cli import main as calib_main
 from mordasr.calib.data import folder_images, split_per_bucket, synthetic_images
+from mordasr.calib.precision_bundle import build_precision_bundle
 from mordasr.calib.qdq_lint import lint_qdq
 from mordasr.errors import BundleError, MordasrError
 from mordasr.model.io import save_checkpoint
@@ -216,3 +217,30 @@ def test_fp16_routing_stays_float32_without_round_trips(gated_bundle):
                 inner = producer.get(cast.input[0])
                 assert not (inner is not None and inner.op_type == "Cast"), f"round trip into {node.name}"
     onnx.checker.check_model(converted, full_check=True)  # topologically sorted and valid
+
+
+def test_calib_finds_the_source_checkpoint_from_any_directory(checkpoint, tmp_path, monkeypatch):
+    """The export records the checkpoint absolutely and relative to the bundle, so mordasr-calib
+    without --checkpoint works from another working directory, and after moving both together."""
+    import shutil
+
+    from mordasr.export.cli import main as export_main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(checkpoint, work / "ckpt")
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(export_main, ["ckpt", "-o", "bundle", "--mode", "gated", "-q"])
+    assert result.exit_code == 0, result.output
+    source = load_manifest(work / "bundle").source
+    assert Path(source["checkpoint"]).is_absolute() and source["checkpoint_from_bundle"] == "../ckpt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(calib_main, [str(work / "bundle"), "-o", "fp16", "--precision", "fp16",
+                                             "--eval-images", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    shutil.move(str(work), str(tmp_path / "moved"))  # bundle and checkpoint moved together
+    result = CliRunner().invoke(calib_main, [str(tmp_path / "moved" / "bundle"), "-o", "fp16b", "--precision",
+                                             "fp16", "--eval-images", "1", "-q"])
+    assert result.exit_code == 0, result.output

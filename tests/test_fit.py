@@ -190,20 +190,25 @@ def test_every_loss_term_is_active_and_finite(tmp_path):
 
 
 def test_resume_continues_bit_for_bit(tmp_path):
-    straight, _ = _fit(tmp_path / "straight")
-    half, result = _fit(tmp_path / "halves", stop_after=2)  # the job is killed after 2 of 4 steps
+    """4 steps straight equal 2 steps, a kill, and 2 resumed steps exactly (torch.equal), with EMA
+    on so its restore is exercised too."""
+    ema = ["optim.ema=0.9"]
+    straight, _ = _fit(tmp_path / "straight", ema)
+    half, result = _fit(tmp_path / "halves", ema, stop_after=2)  # the job is killed after 2 of 4 steps
     assert not result["finished"] and not (tmp_path / "halves" / "model").exists()
     del half
-    resumed, result = _fit(tmp_path / "halves", resume=True)
+    resumed, result = _fit(tmp_path / "halves", ema, resume=True)
     assert result["finished"]
     assert resumed.step == 4
     a, b = straight._trainable_state(), resumed._trainable_state()
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+    assert straight.ema is not None and straight.ema.keys() == resumed.ema.keys()
+    assert all(torch.equal(straight.ema[k], resumed.ema[k]) for k in straight.ema)
+    assert any(not torch.equal(straight.ema[k], a[k]) for k in straight.ema if k in a)  # EMA is not the weights
     for name in ("vsd", "disc"):
         sa, sb = straight.state()[name], resumed.state()[name]
-        assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_run_folder_errors(tmp_path):

@@ -44,6 +44,19 @@ def test_build_sd21_from_local_folders(tmp_path):
     with torch.no_grad():
         out = model(torch.rand(1, 3, 8, 8))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    # the weights are the saved ones, not a fresh initialisation: every tensor of the VAE, the UNet
+    # and the CLIP image tower equals the file's (adapted layers keep theirs under ``.base_layer``)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    saved = {"vae": AutoencoderKL.from_pretrained(folder / "vae").state_dict(),
+             "unet": UNet2DConditionModel.from_pretrained(folder / "unet").state_dict(),
+             "estimator.visual": {k[len("visual."):]: v for k, v in torch.load(clip_file).items()
+                                  if k.startswith("visual.")}}
+    for prefix, state in saved.items():
+        loaded = {k.replace(".base_layer.", "."): v for k, v in model.get_submodule(prefix).state_dict().items()
+                  if not any(part in k for part in ("lora_", "router", "adaptir"))}
+        assert loaded.keys() == state.keys(), prefix
+        assert all(torch.equal(loaded[k], state[k]) for k in state), prefix
 
 
 def test_build_sd21_needs_local_weights(tmp_path):

@@ -5,6 +5,7 @@ bad requests."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -182,15 +183,27 @@ def test_service_restores_like_mordasr_run_under_load(service, folded_bundle, tm
     form_png = np.asarray(Image.open(io.BytesIO(by_id["form"][2])), dtype=np.int16)
     assert np.abs(form_png - np.asarray(Image.open(tmp_path / "out" / "good-0.png"), dtype=np.int16)).max() <= 1
     assert len(replicas) == 2  # both replicas took requests
+    largest = {}
+    for _ in range(20):  # each /healthz answer comes from one replica: ask until both have answered
+        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=30) as response:
+            health = json.loads(response.read())
+        largest[health["replica"]] = health["largest_batch"]
+        if len(largest) == 2:
+            break
+    assert max(largest.values()) > 1, largest  # @serve.batch really formed a batch of several requests
 
 
 def test_service_health_and_methods(service):
-    import json
 
     url, proc = service
     with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=30) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["mode"] == "folded" and health["scale"] == 4
+    from mordasr.runtime import load_manifest
+
+    bundle = Path(proc.args[proc.args.index("--bundle") + 1])
+    assert health["bundle"] == bundle.name and "/" not in health["bundle"]  # no server path leaks
+    assert health["bundle_hash"] == load_manifest(bundle).content_hash()
     assert {"served", "batches", "largest_batch", "replica"} <= set(health)
     request = urllib.request.Request(url, method="PUT", data=b"x")
     with pytest.raises(urllib.error.HTTPError) as err:

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from mordasr.model.io import load_checkpoint, tiny_base_path
 from mordasr.tests.conftest import make_tiny_model
+from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 from mordasr.training.cli import main as train_main
 from mordasr.training.data import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
 from mordasr.training.synthetic import Degradation, degrade, degraded_batch, target_scores
-from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
 
 def test_sample_images_ship_with_the_package_and_splits_are_disjoint():

@@ -23,8 +23,8 @@ from mordasr.model import OneStepSR
 from mordasr.model.io import save_checkpoint
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.common import nchw, psnr, seed_everything
-from mordasr.training.data import CropSampler, sample_images
-from mordasr.training.synthetic import degraded_batch, random_degradation
+from mordasr.training.data import CropSampler, sample_images, training_images
+from mordasr.training.synthetic import degraded_batch, mixed_degraded_batch, random_degradation
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class AdapterTrainingConfig:
     balance_alpha: float = 1.0
     eval_every: int = 100
     eval_crops: int = 8
+    data: str | None = None  # folder of HR photographs; None: scikit-image's photographs
     seed: int = 0
 
     def validate(self) -> None:
@@ -77,7 +78,7 @@ def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path
     if not model.has_adapters:
         raise ValueError("the model has no adapters to train")
     rng = seed_everything(cfg.seed)
-    sampler = CropSampler(sample_images("train"), cfg.crop, cfg.seed)
+    sampler = training_images(cfg.data, cfg.crop, cfg.seed)
     val_lr, val_hr = validation_set(model, cfg.eval_crops, cfg.crop)
     params = model.adapter_parameters()
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
@@ -92,8 +93,7 @@ def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path
                dynamic_ncols=True)
     for step in bar:
         hr = sampler.sample(cfg.batch)
-        lr, _, _ = degraded_batch(hr, model.config.scale, rng)
-        lr_t, hr_t = nchw(lr), nchw(hr)
+        lr_t, hr_t = nchw(mixed_degraded_batch(hr, model.config.scale, rng)), nchw(hr)
         with torch.no_grad():
             scores = model.estimate(lr_t)
         clear_routing(model)

@@ -34,23 +34,14 @@ from tqdm import tqdm
 
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
-from mordasr.training.common import nchw, psnr, seed_everything
-from mordasr.training.data import CropSampler, sample_images
-from mordasr.training.synthetic import Degradation, degraded_batch, mixed_degraded_batch
 from mordasr.training.base_config import BaseTrainingConfig
+from mordasr.training.common import nchw, psnr, seed_everything
+from mordasr.training.data import CropSampler, sample_images, training_images
+from mordasr.training.synthetic import Degradation, degraded_batch, mixed_degraded_batch
 
 log = logging.getLogger(__name__)
 
 STAGES = ("vae", "sr", "estimator")
-
-
-def training_images(cfg: BaseTrainingConfig, crop: int):
-    """Crop sampler over ``cfg.data`` (any folder of HR photographs) or scikit-image's photographs."""
-    if cfg.data:
-        from mordasr.training.datasets import HRFolder
-
-        return HRFolder(cfg.data, crop, cfg.seed)
-    return CropSampler(sample_images("train"), crop, cfg.seed)
 
 
 class _Resumable:
@@ -175,7 +166,7 @@ def _monitor_set(model: OneStepSR, seed: int = 1234) -> tuple[torch.Tensor, torc
 
 def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
     """L1 reconstruction of HR crops through the latent mean, with a small latent penalty."""
-    sampler = training_images(cfg, cfg.crop)
+    sampler = training_images(cfg.data, cfg.crop, cfg.seed)
     _, mon_hr = _monitor_set(model)
 
     def loss(_step: int) -> torch.Tensor:
@@ -194,7 +185,7 @@ def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool 
 def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
     """The whole one-step path end to end (encoder, UNet, decoder) on mixed degradations."""
     rng = np.random.default_rng(cfg.seed + 2)
-    sampler = training_images(cfg, cfg.crop)
+    sampler = training_images(cfg.data, cfg.crop, cfg.seed)
     mon_lr, mon_hr = _monitor_set(model)
     trained = torch.nn.ModuleDict({"vae": model.vae, "unet": model.unet})
     n_recon = max(1, cfg.batch // 4)
@@ -228,7 +219,7 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
     whole images, whose noise a downscaled view partly hides, both score right."""
     rng = np.random.default_rng(cfg.seed + 1)
     size = model.config.router_image_size * model.config.scale  # HR side whose LR is the router input
-    images = training_images(cfg, size // 2).images
+    images = training_images(cfg.data, size // 2, cfg.seed).images
     samplers = [CropSampler(images, c, cfg.seed + c) for c in (size // 2, size * 3 // 4, size)]
 
     def loss(step: int) -> torch.Tensor:

@@ -71,3 +71,12 @@ class CropSampler:
                 patch = patch[::-1]
             out[i] = patch
         return out
+
+
+def training_images(folder: str | None, crop: int, seed: int = 0) -> CropSampler:
+    """Crop sampler over a folder of HR photographs (recursive), or scikit-image's photographs."""
+    if folder:
+        from mordasr.training.datasets import HRFolder
+
+        return HRFolder(folder, crop, seed)
+    return CropSampler(sample_images("train"), crop, seed)

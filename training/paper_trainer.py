@@ -31,8 +31,8 @@ from mordasr.model.adapters.mor import MoRLayer
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.checkpoint import load_latest, restore_rng, rng_state, save_state
 from mordasr.training.common import nchw, psnr
-from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
+from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.perceptual import perceptual_loss, ssim
 from mordasr.training.realesrgan import degrade_realesrgan
 from mordasr.training.vsd import VSDRegularizer

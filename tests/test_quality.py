@@ -1,0 +1,100 @@
+"""The shipped base is a real restorer and its memory is linear in pixels.
+
+- Quality: on a held-out photograph (scikit-image's astronaut; the base never saw it), the
+  shipped base's Y-PSNR beats bicubic by at least the stated margins on the standard bicubic x4
+  recipe and on the mixed recipe, and keeps the image's colour.
+- Memory: restoring through the torch-free runtime with the bundle's default profile and tiling,
+  in fresh processes, peak RSS (VmHWM) grows no faster than the pixel count and stays under
+  1.5 GB for a 1024x1024 output.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mordasr.benchmarks import metrics
+from mordasr.benchmarks.evaluate import bicubic_upsample
+from mordasr.benchmarks.recipes import RECIPES, mod_crop
+
+# Margins this test holds the shipped base to, in dB of Y-PSNR over bicubic on the held-out crop
+# (measured when the base was trained: see README "The shipped base").
+MARGINS = {"bicubic-x4": 0.5, "mixed-x4": 0.8}
+MAX_COLOUR_SHIFT = 2.0  # CIEDE2000 of the image means
+
+
+@pytest.fixture(scope="module")
+def shipped_base():
+    from mordasr.model.io import load_checkpoint, tiny_base_path
+
+    model, meta = load_checkpoint(tiny_base_path(), add_adapters=False)
+    assert not meta.get("random_weights")
+    return model
+
+
+@pytest.fixture(scope="module")
+def heldout_photo():
+    from mordasr.training.data import HELDOUT_IMAGES, load_sample_image
+
+    assert "astronaut" in HELDOUT_IMAGES  # never among the base's training photographs
+    photo = load_sample_image("astronaut")
+    return mod_crop(photo[64:320, 128:384])  # 256x256: face, suit and flag
+
+
+@pytest.mark.parametrize("recipe", sorted(MARGINS))
+def test_shipped_base_beats_bicubic_on_a_heldout_photo(shipped_base, heldout_photo, recipe):
+    import torch
+
+    lr = RECIPES[recipe].degrade(heldout_photo, "astronaut")
+    with torch.no_grad():
+        out = shipped_base(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy().transpose(1, 2, 0)
+    restored = metrics.score(out, heldout_photo, border=4)
+    bicubic = metrics.score(bicubic_upsample(lr), heldout_photo, border=4)
+    gain = restored["psnr_y"] - bicubic["psnr_y"]
+    print(f"\n{recipe}: base {restored['psnr_y']:.2f} dB, bicubic {bicubic['psnr_y']:.2f} dB, gain {gain:+.2f} dB, "
+          f"SSIM {restored['ssim_y']:.4f} vs {bicubic['ssim_y']:.4f}, colour shift {restored['colour_shift']:.2f}")
+    assert gain >= MARGINS[recipe]
+    assert restored["ssim_y"] > bicubic["ssim_y"]
+    assert restored["colour_shift"] <= MAX_COLOUR_SHIFT
+
+
+_RSS = """
+import json, sys, numpy as np
+from mordasr.runtime import Restorer
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
+r = Restorer(sys.argv[1], threads=1)
+side = int(sys.argv[2])
+image = np.random.default_rng(0).uniform(0, 1, (side, side, 3)).astype(np.float32)
+out = r.restore(image, bucket=0).image
+assert out.shape == (side * 4, side * 4, 3)
+print(json.dumps({"peak_mib": hwm() / 1024}))
+"""
+
+
+def _peak_mib(bundle, side: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", _RSS, str(bundle), str(side)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])["peak_mib"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
+def test_peak_memory_grows_no_faster_than_pixels(folded_bundle, capsys):
+    """Default profile and tiling (the tile is the profile's largest output): 4x and 16x the pixels
+    of one tile. What grows is the output buffer, linear in pixels; a model attending over the
+    whole latent would grow with their square."""
+    from mordasr.runtime import Restorer
+
+    tile = Restorer(folded_bundle).default_tile()
+    baseline = _peak_mib(folded_bundle, 8)  # weights, sessions and interpreter: nothing image-sized
+    one, four, sixteen = (_peak_mib(folded_bundle, tile * k) for k in (1, 2, 4))
+    with capsys.disabled():
+        print(f"\npeak RSS (MiB): baseline {baseline:.0f}; LR {tile}px {one:.0f}, {2 * tile}px {four:.0f}, "
+              f"{4 * tile}px ({16 * tile * tile * 16 / 1e6:.1f} MP out) {sixteen:.0f}")
+    grow_4, grow_16 = four - baseline, sixteen - baseline
+    assert grow_16 <= 4.0 * max(grow_4, 1.0) * 1.25  # 4x the pixels of the 4x run: at most linear (+25 %)
+    assert sixteen < 1.5 * 1024  # 1024x1024 output (a 4x4 grid of tiles) under 1.5 GB

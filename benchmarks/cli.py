@@ -48,6 +48,9 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
               help="Use this AdaptIR checkpoint instead of training one.")
 @click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed warm-up runs.")
+@click.option("--rounds", type=click.IntRange(min=2), default=12, show_default=True,
+              help="Interleaved rounds for the latency ratios (every variant timed in each round; the "
+                   "ratio is reported with its 95 % interval).")
 @click.option("--lr-size", type=click.IntRange(min=8), default=64, show_default=True,
               help="Low-resolution side of the timed and evaluated images, px.")
 @click.option("--resolutions", default="32,64,128", show_default=True,
@@ -55,17 +58,21 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--eval-images", type=click.IntRange(min=1), default=4, show_default=True,
               help="Held-out degraded photographs for fidelity.")
 @click.option("--eval-data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="HR photographs never trained on (e.g. ../shared/data/val-hr): adds the Y-PSNR gain "
+              help="HR photographs never trained on (a held-out set): adds the Y-PSNR gain "
                    "over bicubic of every variant per recipe and per noise/blur/JPEG severity.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=8, show_default=True,
               help="How many of the --eval-data photographs to use.")
+@click.option("--photo", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A photograph to restore with mordasr-run's defaults (tiling included) through the first "
+                   "variant's bundle: seconds per output megapixel and peak RSS, in fresh processes.")
 @click.option("--peak-gflops", type=float, default=None,
               help="Device peak GFLOP/s, to report the achieved fraction per component.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
-         lora_checkpoint, adaptir_checkpoint, iterations, warmup, lr_size, resolutions, eval_images, eval_data,
-         eval_limit, peak_gflops, seed, quiet):
+         lora_checkpoint, adaptir_checkpoint, iterations, warmup, rounds, lr_size, resolutions, eval_images,
+         eval_data,
+         eval_limit, photo, peak_gflops, seed, quiet):
     """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA, AdaptIR and PyTorch eager.
 
     Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,
@@ -82,9 +89,11 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
     cfg = BenchConfig(preset=preset, variants=_split(variants, VARIANTS, "variant"),
                       precisions=_split(precisions, PRECISIONS, "precision"), backend=backend,
                       buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
+                      rounds=rounds,
                       lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
                       mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
-                      adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit)
+                      adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit,
+                      photo=photo)
     try:
         cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
         cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())

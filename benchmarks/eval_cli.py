@@ -43,9 +43,14 @@ def _recipes(text: str) -> list[str]:
 @click.option("--lpips-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Local state dict of lpips.LPIPS(net='vgg'): adds LPIPS (needs torch).")
 @click.option("--save-images", is_flag=True, help="Also write every LR input and output under OUT/images/.")
+@click.option("--checkpoint-checks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="A base (or adapted) checkpoint: also report its autoencoder's reconstruction PSNR (RGB) "
+                   "on every image, and the correlation of its estimator's blur/noise/compression scores "
+                   "with the true strengths of seeded synthetic degradations of 256 px crops.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limit: int | None, backend: str,
-         threads: int | None, lpips_weights: Path | None, save_images: bool, quiet: bool) -> None:
+         threads: int | None, lpips_weights: Path | None, save_images: bool, checkpoint_checks: Path | None,
+         quiet: bool) -> None:
     """Y-PSNR / Y-SSIM (BT.601, 4-pixel border), RGB PSNR and colour shift of each TARGET.
 
     \b
@@ -54,7 +59,7 @@ def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limi
     (always included). Name one with LABEL=PATH.
 
     \b
-    mordasr-eval bundles/mor base=mordasr/model/pretrained/tiny --data ../shared/data/val-hr
+    mordasr-eval bundles/mor base=runs/base --data val-hr/
     """
     from tqdm import tqdm
 
@@ -71,6 +76,11 @@ def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limi
                            progress=lambda _msg: bar.update())
         bar.close()
         results["data"] = str(data)
+        if checkpoint_checks is not None:
+            from mordasr.benchmarks.evaluate import autoencoder_psnr, router_correlations
+
+            results["autoencoder"] = autoencoder_psnr(checkpoint_checks, images)
+            results["router"] = router_correlations(checkpoint_checks, images)
         paths = write_results(results, out)
     click.echo(markdown(results))
     click.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -161,6 +161,15 @@ def markdown(results: dict) -> str:
                f"{s['colour_shift']:.2f} |")
         lines.append(row + (f" {s['lpips']:.4f} |" if has_lpips else ""))
     lines += ["", "Recipes: " + "; ".join(f"`{k}`: {v}" for k, v in results["recipes"].items())]
+    if "autoencoder" in results:
+        a = results["autoencoder"]
+        lines += ["", f"Autoencoder reconstruction (RGB PSNR, {len(a['per_image'])} images): mean "
+                      f"{a['mean_psnr_rgb']:.2f} dB, lowest {a['min_psnr_rgb']:.2f} dB."]
+    if "router" in results:
+        r = results["router"]
+        pairs = [f"{d} vs {r[d]['vs']} r = {r[d]['pearson']:.2f}" for d in ("blur", "noise", "compression")]
+        lines += ["", f"Estimator scores vs true degradation strength ({r['samples']} crops of {r['crop']} px): "
+                  + ", ".join(pairs) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -195,3 +204,60 @@ def _lpips(weights: Path) -> Callable[[np.ndarray, np.ndarray], float]:
         return float(model(ta, tb)[0])
 
     return distance
+
+
+def autoencoder_psnr(checkpoint: Path, images: list[tuple[str, np.ndarray]]) -> dict:
+    """RGB PSNR of Dec(Enc(HR)) through the latent mean, per image and mean: the ceiling of
+    everything the one-step path can restore."""
+    import torch
+
+    from mordasr.model.io import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, add_adapters=False)
+    m = 2 ** (len(model.config.vae["block_out_channels"]) - 1)
+    per_image = {}
+    with torch.no_grad():
+        for name, hr in images:
+            hr = mod_crop(hr, m)
+            x = torch.from_numpy(hr.transpose(2, 0, 1)[None].copy()) * 2 - 1
+            moments = model.vae.quant_conv(model.vae.encoder(x))[:, : model.config.latent_channels]
+            out = ((model.vae.decode(moments).sample + 1) / 2)[0].numpy().transpose(1, 2, 0)
+            per_image[name] = metrics.psnr_rgb(out, hr)
+    return {"checkpoint": str(checkpoint), "per_image": per_image,
+            "mean_psnr_rgb": float(np.mean(list(per_image.values()))), "min_psnr_rgb": float(min(per_image.values()))}
+
+
+def router_correlations(checkpoint: Path, images: list[tuple[str, np.ndarray]], crops_per_image: int = 8,
+                        crop: int = 256, seed: int = 0) -> dict:
+    """Pearson correlation of the estimator's blur, noise and compression scores with the true
+    blur sigma, noise sigma and (100 - JPEG quality) of seeded synthetic degradations of HR crops.
+    Each factor is drawn independently (present or absent, then a strength), as in training."""
+    import torch
+
+    from mordasr.model.io import load_checkpoint
+    from mordasr.training.synthetic import degrade, random_degradation
+
+    model, _ = load_checkpoint(checkpoint, add_adapters=False)
+    names = [p[0] for p in model.config.prompts]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, hr in images:
+        h, w = hr.shape[:2]
+        if min(h, w) < crop:
+            continue
+        for _ in range(crops_per_image):
+            y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+            deg = random_degradation(rng)
+            lr = degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng)
+            with torch.no_grad():
+                scores = model.estimate(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy()
+            rows.append((deg.blur_sigma, deg.noise_sigma * 255,
+                         0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality, scores))
+    truth = np.array([r[:3] for r in rows])
+    scores = np.stack([r[3] for r in rows])
+    pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
+    result = {"samples": len(rows), "crop": crop}
+    for dim, (label, column) in pairs.items():
+        r = np.corrcoef(scores[:, names.index(dim)], truth[:, column])[0, 1]
+        result[dim] = {"vs": label, "pearson": float(r)}
+    return result

@@ -116,6 +116,49 @@ def peak_rss_mib(bundle: str | Path, lr_side: int, backend: str = "onnxruntime")
     return {"peak_rss_mib": data["peak_kib"] / 1024, "import_rss_mib": data["baseline_kib"] / 1024}
 
 
+_RUN_SCRIPT = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+seconds = time.perf_counter() - start
+if proc.returncode != 0:
+    sys.exit(proc.stderr[-2000:])
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def photo_speed(bundle: str | Path, photo: str | Path, runs: int = 2, backend: str = "onnxruntime") -> dict:
+    """``mordasr-run PHOTO -o OUT --bundle B`` with its defaults (tiling included), end to end in a
+    fresh process each run: wall seconds per output megapixel and the command's peak RSS (max over
+    runs; Linux ru_maxrss of the child)."""
+    import tempfile
+
+    from PIL import Image
+
+    width, height = Image.open(photo).size
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.png"
+        command = [sys.executable, "-m", "mordasr.runtime.cli", str(photo), "-o", str(out), "--bundle", str(bundle),
+                   "--backend", backend]
+        seconds, peaks = [], []
+        for _ in range(runs):
+            proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, *command], capture_output=True, text=True,
+                                  timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"mordasr-run failed: {proc.stderr.strip()[-500:]}")
+            wall, peak_kib = proc.stdout.split()
+            seconds.append(float(wall))
+            peaks.append(int(peak_kib) / 1024)
+            out_w, out_h = Image.open(out).size
+    megapixels = out_w * out_h / 1e6
+    per_mp = [s / megapixels for s in seconds]
+    return {"photo": Path(photo).name, "input": [width, height], "output": [out_w, out_h],
+            "output_megapixels": megapixels, "runs": runs, "seconds": seconds,
+            "seconds_per_megapixel": float(np.mean(per_mp)),
+            "seconds_per_megapixel_range": [float(min(per_mp)), float(max(per_mp))],
+            "peak_rss_mib": float(max(peaks)), "backend": backend}
+
+
 def describe_machine() -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:

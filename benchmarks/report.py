@@ -159,6 +159,13 @@ def markdown(results: dict, plots: list[str]) -> str:
                   "| buckets | PSNR vs continuous | PSNR vs HR |", "|---|---|---|"]
         lines += [f"| {r['buckets']} | {_fmt(r['psnr_vs_continuous'])} | {_fmt(r['psnr_vs_hr'])} |"
                   for r in results["bucket_sweep"]]
+    if results.get("photo_speed"):
+        p = results["photo_speed"]
+        lines += ["", f"## A photograph end to end (`mordasr-run` defaults, {p['bundle']}, {p['backend']})", "",
+                  f"{p['photo']}: {p['input'][0]}x{p['input'][1]} -> {p['output'][0]}x{p['output'][1]} "
+                  f"({p['output_megapixels']:.1f} MP): {p['seconds_per_megapixel']:.2f} s per output megapixel "
+                  f"(runs {p['seconds_per_megapixel_range'][0]:.2f}-{p['seconds_per_megapixel_range'][1]:.2f}), "
+                  f"peak RSS {p['peak_rss_mib']:.0f} MiB, {p['runs']} fresh processes."]
     if results.get("quality"):
         lines += ["", *quality_table(results["quality"])]
     if results.get("bucket_switch"):
@@ -185,8 +192,18 @@ def markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(md: str, plots: list[str], out: Path) -> str:
-    """A self-contained page: the Markdown tables as HTML tables, plots inlined."""
+def _crop_grid(crops: dict) -> list[str]:
+    """One row per recipe: the same HR crop as HR, bicubic and each variant/precision restored it."""
+    parts = [f"<h2>{html.escape(crops['title'])}</h2>", "<table>"]
+    for recipe, row in crops["rows"].items():
+        cells = "".join(f"<td><img alt='{html.escape(label)}' src='data:image/png;base64,{data}'>"
+                        f"<br>{html.escape(label)}</td>" for label, data in row.items())
+        parts.append(f"<tr><th>{html.escape(recipe)}</th>{cells}</tr>")
+    return parts + ["</table>"]
+
+
+def _html(md: str, plots: list[str], out: Path, crops: dict | None = None) -> str:
+    """A self-contained page: the Markdown tables as HTML tables, crops and plots inlined."""
     body, in_table = [], False
     for line in md.splitlines():
         if line.startswith("|"):
@@ -213,6 +230,8 @@ def _html(md: str, plots: list[str], out: Path) -> str:
             body.append(f"<p>{html.escape(line)}</p>")
     if in_table:
         body.append("</table>")
+    if crops:
+        body += _crop_grid(crops)
     for p in plots:
         data = base64.b64encode((out / p).read_bytes()).decode()
         body.append(f'<p><img alt="{p}" src="data:image/png;base64,{data}"></p>')
@@ -226,8 +245,9 @@ def write_report(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plots = _plot(results, out)
     md = markdown(results, plots)
-    files = {"results.json": json.dumps(results, indent=2) + "\n", "report.md": md,
-             "report.html": _html(md, plots, out)}
+    data = {k: v for k, v in results.items() if k != "crops"}  # the crops live in report.html only
+    files = {"results.json": json.dumps(data, indent=2) + "\n", "report.md": md,
+             "report.html": _html(md, plots, out, results.get("crops"))}
     for name, text in files.items():
         atomic_write(out / name, text)
     return [out / n for n in files] + [out / p for p in plots]

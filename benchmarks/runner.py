@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mordasr.benchmarks.measure import describe_machine, graph_flops, peak_rss_mib, time_call
+from mordasr.benchmarks.measure import describe_machine, graph_flops, peak_rss_mib, photo_speed, time_call
 from mordasr.errors import MordasrError
 
 # variant -> (adapter kind, export mode); "torch-eager" is the unmerged PyTorch MoR reference
@@ -45,6 +45,7 @@ class BenchConfig:
     adaptir_checkpoint: Path | None = None
     eval_data: Path | None = None  # HR photographs for the per-recipe, per-severity quality table
     eval_limit: int | None = 8  # how many of them (None: all)
+    photo: Path | None = None  # a photograph for the end-to-end mordasr-run speed and peak RSS
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -272,6 +273,13 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
     if cfg.eval_data is not None:
         progress("quality per recipe and severity")
         results["quality"] = quality(cfg, workdir)
+        results["crops"] = crop_grid(cfg, workdir)
+    if cfg.photo is not None:
+        progress("mordasr-run on the photograph")
+        first = next(workdir / f"{n}-fp32" for n in cfg.variants
+                     if (workdir / f"{n}-fp32" / "manifest.json").is_file())
+        results["photo_speed"] = {"bundle": first.name.removesuffix("-fp32"),
+                                  **photo_speed(first, cfg.photo, backend=cfg.backend)}
     progress("latency vs resolution")
     results["resolution"] = _resolution_sweep(cfg, workdir)
     if "mor-folded" in cfg.variants and cfg.buckets > 1:
@@ -294,10 +302,43 @@ def quality(cfg: BenchConfig, workdir: Path) -> dict:
 
     targets = [resolve_target(f"{name}={workdir / f'{name}-fp32'}") for name in cfg.variants
                if (workdir / f"{name}-fp32" / "manifest.json").is_file()]
-    results = evaluate(targets, load_hr(cfg.eval_data, cfg.eval_limit), list(STANDARD) + list(SEVERITIES))
+    images = load_hr(cfg.eval_data, cfg.eval_limit)
+    results = evaluate(targets, images, list(STANDARD) + list(SEVERITIES))
     results.pop("per_image")
     results["data"] = str(cfg.eval_data)
     return results
+
+
+def crop_grid(cfg: BenchConfig, workdir: Path, side: int = 128) -> dict:
+    """The same HR crop (centre of the first --eval-data photograph) as HR, bicubic and every
+    exported variant at every precision restored it, per standard recipe: PNGs, base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mordasr.benchmarks.evaluate import bicubic_upsample, load_hr, resolve_target
+    from mordasr.benchmarks.metrics import to_uint8
+    from mordasr.benchmarks.recipes import RECIPES, STANDARD
+
+    name, hr = load_hr(cfg.eval_data, 1)[0]
+    y0, x0 = (hr.shape[0] // 2 - side // 2) // 4 * 4, (hr.shape[1] // 2 - side // 2) // 4 * 4
+    region = hr[y0:y0 + side, x0:x0 + side]  # restore only this region: the grid shows what it needs
+
+    def png(image: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    bundles = [b for b in sorted(workdir.iterdir()) if (b / "manifest.json").is_file()]
+    restorers = {b.name: resolve_target(str(b)).restore for b in bundles}
+    rows = {}
+    for recipe in STANDARD:
+        lr = RECIPES[recipe].degrade(region, name)
+        rows[recipe] = {"HR": png(region), "bicubic": png(bicubic_upsample(lr))}
+        rows[recipe].update({label: png(restore(lr)) for label, restore in restorers.items()})
+    return {"title": f"The same {side} px crop of {name}, restored by every variant and precision",
+            "rows": rows}
 
 
 def bucket_switch(bundle: Path, lr: np.ndarray, cfg: BenchConfig) -> dict:

@@ -15,7 +15,8 @@ from mordasr.benchmarks.measure import graph_flops, time_call
 from mordasr.benchmarks.runner import BenchConfig, interleaved_ratios, targets
 from mordasr.errors import MordasrError
 
-FAST = ["--train-steps", "2", "--iterations", "2", "--warmup", "1", "--lr-size", "16", "--resolutions", "16,24",
+FAST = ["--train-steps", "2", "--iterations", "2", "--warmup", "1", "--rounds", "2", "--lr-size", "16",
+        "--resolutions", "16,24",
         "--eval-images", "2", "--bucket-sweep", "1,2", "--buckets", "2", "-q"]
 
 

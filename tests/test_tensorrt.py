@@ -99,14 +99,14 @@ def test_parse_size():
 
 
 def test_profiles_from_output_pixels(folded_bundle):
-    manifest = load_manifest(folded_bundle)  # tiny: scale 4, latent /4, LR sides multiples of 2
-    assert (manifest.scale, manifest.latent_downsample) == (4, 4)
+    manifest = load_manifest(folded_bundle)  # tiny: scale 4, latent /2, LR sides multiples of 4
+    assert (manifest.scale, manifest.latent_downsample, manifest.lr_multiple) == (4, 2, 4)
     encoder = profile_shapes(manifest, manifest.graph("encoder", 0), "64", "128x96", "250")
     assert encoder == {"image": [[1, 3, 16, 16], [1, 3, 24, 32], [1, 3, 64, 64]]}  # max rounds up
     unet = profile_shapes(manifest, manifest.graph("unet", 0), 64, 128, 256, batch=(1, 2, 4))
-    assert unet == {"latent": [[1, 16, 16, 16], [2, 16, 32, 32], [4, 16, 64, 64]]}
+    assert unet == {"latent": [[1, 8, 32, 32], [2, 8, 64, 64], [4, 8, 128, 128]]}
     router = profile_shapes(manifest, manifest.graph("router"), 64, 128, 256)
-    assert router == {"image": [[1, 3, 32, 32]] * 3}  # the router's size is fixed
+    assert router == {"image": [[1, 3, 64, 64]] * 3}  # the router's size is fixed
     with pytest.raises(MordasrError, match="min <= opt <= max"):
         profile_shapes(manifest, manifest.graph("unet", 0), 512, 256, 1024)
     assert format_shape("latent", [1, 16, 8, 8]) == "latent:1x16x8x8"

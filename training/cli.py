@@ -190,7 +190,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
     \b
-    mordasr-train base -o runs/base --data ../shared/data/train-hr     # the shipped base
+    mordasr-train base -o runs/base --data train-hr/                    # the shipped base (see README)
     mordasr-train base -o runs/base --data DIR                          # killed? run it again: it resumes
 
     Stages finished are kept in OUT; an unfinished stage resumes from its last resume state

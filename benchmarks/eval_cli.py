@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mordasr.benchmarks.recipes import RECIPES, STANDARD, recipe_help
+from mordasr.runtime.cli_options import backend_option, threads_option
 
 
 def _recipes(text: str) -> list[str]:
@@ -37,9 +38,8 @@ def _recipes(text: str) -> list[str]:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("eval-out"), show_default=True,
               help="Folder for eval.json (per image and means) and eval.md (the table).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend for bundles.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime threads for bundles [default: all cores].")
+@backend_option
+@threads_option()
 @click.option("--lpips-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Local state dict of lpips.LPIPS(net='vgg'): adds LPIPS (needs torch).")
 @click.option("--save-images", is_flag=True, help="Also write every LR input and output under OUT/images/.")

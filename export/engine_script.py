@@ -68,7 +68,7 @@ elif [ "$BUILDER" = trtexec ]; then
         TRTEXEC=/usr/src/tensorrt/bin/trtexec  # JetPack installs it here, off PATH
     fi
     if [ -z "$TRTEXEC" ]; then
-        echo "build_engines.sh: neither Polygraphy (pip install polygraphy) nor trtexec is here;" \\
+        echo "build_engines.sh: neither Polygraphy (pip install polygraphy) nor trtexec is here;" \
             "set TRTEXEC=/path/to/trtexec" >&2
         exit 2
     fi
@@ -114,8 +114,8 @@ build() {{  # build GRAPH ENGINE PG_ARGS(3 variants) TRTEXEC_ARGS(3 variants)
     if [ "$BUILDER" = polygraphy ]; then args="${{variants[$VARIANT]}}"
     else args="${{variants[$((VARIANT + 3))]}}"; fi
     if [ "$args" = REFUSED ]; then
-        echo "build_engines.sh: trtexec cannot build $engine the way mordasr does (a refittable" \\
-            "engine on TensorRT 11.3+ needs REFIT_INDIVIDUAL with marked weights);" \\
+        echo "build_engines.sh: trtexec cannot build $engine the way mordasr does (a refittable" \
+            "engine on TensorRT 11.3+ needs REFIT_INDIVIDUAL with marked weights);" \
             "pip install polygraphy and run with BUILDER=polygraphy" >&2
         exit 2
     fi

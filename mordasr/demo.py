@@ -32,8 +32,8 @@ def _quality(image, reference) -> tuple[float, float]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for the checkpoint, the bundle and the images.")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Adapter training steps (about 0.4 s each on 2 CPU cores).")
+@click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Adapter training steps (about 1.2 s each on 2 CPU cores).")
 @click.option("--adapter", type=click.Choice(["mor", "lora", "adaptir"]), default="mor", show_default=True)
 @click.option("--mode", type=click.Choice(MODES), default=None,
               help="Export mode of the bundle (see mordasr-export --help) [default: folded for "

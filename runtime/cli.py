@@ -10,7 +10,8 @@ import click
 
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
-from mordasr.runtime.backends import BACKENDS, backend_options
+from mordasr.runtime.backends import backend_options
+from mordasr.runtime.cli_options import backend_option, bucket_switch_option, max_engines_option, threads_option
 from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image
 
 _fail = failer("mordasr-run")
@@ -58,23 +59,13 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
                    "--compare-backends).")
 @click.option("--bundle", required=True, type=click.Path(path_type=Path),
               help="Bundle folder written by mordasr-export (holds manifest.json).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
-              help="onnxruntime: ONNX Runtime on the CPU; ort-cuda / ort-trt: ONNX Runtime's CUDA or "
-                   "TensorRT execution provider (onnxruntime-gpu; ort-trt caches engines in the "
-                   "bundle's ort-trt-cache/); tensorrt: the bundle's TensorRT engines (build them "
-                   "with build_engines.sh).")
-@click.option("--bucket-switch", type=click.Choice(["graphs", "refit"]), default=None,
-              help="Folded bundles: graphs keeps one graph/engine per bucket; refit keeps bucket 0's "
-                   "and writes the chosen bucket's weight pack into it (less memory, slower switch) "
-                   "[default: what the bundle's device profile chose, else graphs].")
-@click.option("--max-engines", type=click.IntRange(min=1), default=None,
-              help="tensorrt: engines held loaded at once (least recently used ones are freed) "
-                   "[default: the bundle's device profile, else 8].")
+@backend_option
+@bucket_switch_option
+@max_engines_option
 @click.option("--compare-backends", default=None, metavar="A,B",
               help="Instead of writing outputs, run INPUT on two backends (e.g. onnxruntime,tensorrt or "
                    "onnxruntime,onnxruntime:refit) and print max/mean abs difference per graph.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads per graph for ONNX Runtime [default: all cores].")
+@threads_option()
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff", "bmp"]), default=None,
               help="Output format [default: the output name's suffix; PNG for a folder's files "
                    "keeps each input's suffix].")
@@ -159,8 +150,9 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
             click.echo(f"nothing to do: all {len(skipped)} outputs exist")
         return
     options = backend_options(backend, threads, bucket_switch, max_engines)
-    job_options = RestoreOptions(tile, tile_overlap, tile_routing, tile_window, color_fix, bit_depth,
-                                 not no_alpha, max_pixels)
+    job_options = RestoreOptions(tile=tile, overlap=tile_overlap, tile_routing=tile_routing, window=tile_window,
+                                 color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
+                                 max_pixels=max_pixels)
     failures: list[tuple[Path, str]] = []
     progress = None
     if len(jobs) > 1 and not quiet:

@@ -29,7 +29,7 @@ from mordasr.runtime.pipeline import Restorer, RestoreResult
 T, R = TypeVar("T"), TypeVar("R")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RestoreOptions:
     """What ``mordasr-run`` options change about one image's restore."""
 

@@ -11,7 +11,7 @@ import click
 
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
-from mordasr.runtime.backends import BACKENDS
+from mordasr.runtime.cli_options import backend_option, bucket_switch_option, threads_option
 from mordasr.serving.requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 _fail = failer("mordasr-serve")
@@ -32,12 +32,9 @@ _fail = failer("mordasr-serve")
               help="Ray CPUs reserved per replica.")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="GPU share per replica (e.g. 0.5 puts two replicas on one GPU); 0 on CPU hosts.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
-              help="Runtime backend inside each replica (as mordasr-run --backend).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime threads per graph in each replica [default: --cpus-per-replica, at least 1].")
-@click.option("--bucket-switch", type=click.Choice(["graphs", "refit"]), default=None,
-              help="Folded bundles: as mordasr-run --bucket-switch.")
+@backend_option
+@threads_option("ONNX Runtime threads per graph in each replica [default: --cpus-per-replica, at least 1].")
+@bucket_switch_option
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests restored together by one replica (same-size images share graph calls).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,

@@ -36,9 +36,11 @@ LATENT = preset_config("tiny").latent_channels
 
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"image_lr": torch.rand(2, 3, 10, 14, generator=g),
-            "router_image": torch.rand(2, 3, 32, 32, generator=g),
-            "latent": torch.randn(2, LATENT, 10, 14, generator=g),
+    size = preset_config("tiny").router_image_size
+    # LR sides multiples of 4 and latent sides multiples of 8 (the tiny preset's lr_multiple)
+    return {"image_lr": torch.rand(2, 3, 12, 16, generator=g),
+            "router_image": torch.rand(2, 3, size, size, generator=g),
+            "latent": torch.randn(2, LATENT, 16, 24, generator=g),
             "scores": torch.rand(2, 7, generator=g)}
 
 

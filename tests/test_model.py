@@ -21,9 +21,10 @@ from mordasr.tests.conftest import make_tiny_model
 
 def test_injection_follows_osediff_placement(tiny_model):
     names = [n for n, _ in tiny_model.adapter_layers()]
-    assert "vae.encoder.conv_in" in names
+    assert "vae.encoder.conv_in" in names and "vae.encoder.conv_out" in names
     assert "vae.quant_conv" in names
-    assert any(n.startswith("vae.encoder.mid_block.attentions.0.to_q") for n in names)
+    assert any(n.startswith("vae.encoder.") and n.endswith("conv1") for n in names)
+    assert any(n.startswith("unet.mid_block.attentions.0.") and n.endswith("to_q") for n in names)
     for suffix in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                    "ff.net.2", "conv_shortcut", "conv_out"):
         assert any(n.startswith("unet.") and n.endswith(suffix) for n in names), suffix
@@ -190,7 +191,7 @@ def test_checkpoint_errors(tmp_path, tiny_model):
     # Weights of another preset / shape.
     save_checkpoint(tiny_model, tmp_path / "ckpt2")
     data = json.loads((tmp_path / "ckpt2" / "config.json").read_text())
-    data["model"]["unet"]["block_out_channels"] = [16, 32]
+    data["model"]["unet"]["block_out_channels"] = [32, 48, 64, 64]
     (tmp_path / "ckpt2" / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path / "ckpt2")

@@ -27,10 +27,11 @@ def _torch_restore(model, image, scores):
 def test_restorer_matches_pytorch(mode, tiny_model, folded_bundle, gated_bundle, rng):
     bundle = folded_bundle if mode == "folded" else gated_bundle
     restorer = Restorer(bundle)
-    image = rng.uniform(0, 1, (12, 18, 3)).astype(np.float32)
+    image = rng.uniform(0, 1, (12, 16, 3)).astype(np.float32)  # sides multiples of lr_multiple (4)
     result = restorer.restore(image)
-    assert result.image.shape == (48, 72, 3)
-    view = torch.from_numpy(resize(image, 32, 32).clip(0, 1).transpose(2, 0, 1)[None].copy())
+    assert result.image.shape == (48, 64, 3)
+    size = tiny_model.config.router_image_size
+    view = torch.from_numpy(resize(image, size, size).clip(0, 1).transpose(2, 0, 1)[None].copy())
     with torch.no_grad():
         assert np.abs(tiny_model.estimator(view)[0].numpy() - result.scores).max() < 1e-5
     if mode == "folded":

@@ -84,7 +84,7 @@ def test_shipped_tiny_base_loads():
     assert config["meta"]["kind"] == "base" and not config["meta"]["random_weights"]
     model, meta = load_checkpoint(tiny_base_path())
     assert model.has_adapters and not meta["has_adapters"]
-    assert set(meta["stages_done"]) == {"vae", "estimator", "unet"}
+    assert set(meta["stages_done"]) == {"vae", "sr", "estimator"}
 
 
 def test_train_cli_adapters_and_errors(tmp_path):
@@ -102,10 +102,16 @@ def test_train_cli_adapters_and_errors(tmp_path):
     assert result.exit_code == 2 and "not a mordasr checkpoint" in result.stderr
 
 
-def test_train_cli_base_stage_checkpoints(tmp_path):
+def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     out = tmp_path / "base"
-    result = CliRunner().invoke(train_main, ["base", "-o", str(out), "--vae-steps", "1",
-                                             "--estimator-steps", "1", "--unet-steps", "1", "--batch", "1", "-q"])
+    args = ["base", "-o", str(out), "--vae-steps", "2", "--estimator-steps", "1", "--sr-steps", "2",
+            "--batch", "1", "--crop", "32", "--checkpoint-every", "1", "-q"]
+    result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 0, result.output
     _, meta = load_checkpoint(out, add_adapters=False)
-    assert meta["stages_done"] == ["vae", "estimator", "unet"]
+    assert meta["stages_done"] == ["vae", "sr", "estimator"]
+    work = tmp_path / ".base.work"
+    assert (work / "curves-vae.csv").is_file() and (work / "curves-sr.csv").is_file()
+    assert not list((work / ".resume").glob("*.pt"))  # finished stages leave no resume state
+    again = CliRunner().invoke(train_main, args)  # a finished run run again trains nothing more
+    assert again.exit_code == 0 and len((work / "curves-sr.csv").read_text().splitlines()) == 3

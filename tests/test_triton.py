@@ -34,7 +34,7 @@ def test_repository_is_valid_and_matches_the_graphs(bundle, request, tmp_path):
     config = (tmp_path / "repo" / "mordasr_unet" / "config.pbtxt") if manifest.mode == "gated" else \
         (tmp_path / "repo" / "mordasr_unet_b1" / "config.pbtxt")
     text = config.read_text()
-    assert "max_batch_size: 8" in text and "dynamic_batching" in text and "dims: [ 16, -1, -1 ]" in text
+    assert "max_batch_size: 8" in text and "dynamic_batching" in text and "dims: [ 8, -1, -1 ]" in text
     pipeline = json.loads((tmp_path / "repo" / "mordasr" / "1" / "pipeline.json").read_text())
     assert set(pipeline["models"]) == {g.key for g in manifest.graphs}
     assert not list(tmp_path.glob(".*partial"))
@@ -44,7 +44,7 @@ def test_validation_finds_what_triton_would_refuse(folded_bundle, tmp_path):
     repo = tmp_path / "repo"
     write_triton_repository(folded_bundle, repo)
     unet = repo / "mordasr_unet_b0" / "config.pbtxt"
-    unet.write_text(unet.read_text().replace("dims: [ 16, -1, -1 ]", "dims: [ 4, -1, -1 ]", 1))
+    unet.write_text(unet.read_text().replace("dims: [ 8, -1, -1 ]", "dims: [ 4, -1, -1 ]", 1))
     router = repo / "mordasr_router" / "config.pbtxt"
     router.write_text(router.read_text().replace("TYPE_FP32", "TYPE_INT64", 1))
     decoder = repo / "mordasr_decoder" / "config.pbtxt"
@@ -52,7 +52,7 @@ def test_validation_finds_what_triton_would_refuse(folded_bundle, tmp_path):
     (repo / "mordasr_encoder_b1" / "1" / "model.onnx").unlink()
     shutil.rmtree(repo / "mordasr_encoder_b0")
     problems = "\n".join(validate_repository(repo))
-    assert "mordasr_unet_b0/config.pbtxt: input latent: dims [4, -1, -1], graph has [16, -1, -1]" in problems
+    assert "mordasr_unet_b0/config.pbtxt: input latent: dims [4, -1, -1], graph has [8, -1, -1]" in problems
     assert "mordasr_router/config.pbtxt: input image: data_type TYPE_INT64, graph has TYPE_FP32" in problems
     assert "mordasr_decoder/config.pbtxt: not a valid Triton ModelConfig" in problems
     assert "missing mordasr_encoder_b1/1/model.onnx" in problems

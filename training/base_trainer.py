@@ -81,7 +81,7 @@ class _Resumable:
 def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
          stage: str, cfg: BaseTrainingConfig, out: Path, generators: list[np.random.Generator],
          quiet: bool, evaluate: Callable[[], dict[str, float]] | None = None,
-         weight_decay: float = 0.0) -> float:
+         weight_decay: float = 0.0, lr_multipliers: dict[str, float] | None = None) -> float:
     """AdamW with warmup + cosine decay on ``module``'s parameters; ``loss_fn(step)`` gives each loss.
 
     Resumable (see ``_Resumable``); appends ``evaluate()``'s figures to ``OUT/curves-<stage>.csv``
@@ -90,7 +90,12 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
     params = list(module.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    groups: dict[float, list] = {}
+    for name, p in module.named_parameters():
+        scale = next((m for prefix, m in (lr_multipliers or {}).items() if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr * scale} for scale, ps in groups.items()], lr,
+                            weight_decay=weight_decay)
     warmup = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
@@ -211,7 +216,12 @@ def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool =
         return {"psnr_clean": psnr(out_images[:4], mon_hr[:4]), "psnr_clean_bicubic": psnr(bicubic[:4], mon_hr[:4]),
                 "psnr_mixed": psnr(out_images[4:], mon_hr[4:]), "psnr_mixed_bicubic": psnr(bicubic[4:], mon_hr[4:])}
 
-    return _fit(trained, loss, cfg.sr_steps, cfg.lr / 2, "sr", cfg, out, [sampler.rng, rng], quiet, evaluate)
+    # The x0 step scales the UNet's output by sqrt(1 - a_T) / sqrt(a_T) = 0.098 at T = 10, so a
+    # change of the latent needs ten times that change of eps: the output convolution learns at
+    # the inverse of that factor, or the UNet's part of the restoration starts ten times slower.
+    head = model.schedule.sqrt_alpha_prod / model.schedule.sqrt_one_minus_alpha_prod
+    return _fit(trained, loss, cfg.sr_steps, cfg.lr / 2, "sr", cfg, out, [sampler.rng, rng], quiet, evaluate,
+                lr_multipliers={"unet.conv_out.": head})
 
 
 def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:

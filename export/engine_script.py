@@ -202,7 +202,7 @@ def _variant_args(graph: GraphSpec, options: EngineOptions, profile: dict, versi
     return " ".join(args)  # split into words by the script, which disables globbing (set -f)
 
 
-def build_script(manifest: Manifest, options: EngineOptions, marked: set[str] = frozenset()) -> str:
+def build_script(manifest: Manifest, options: EngineOptions, marked: frozenset[str] | set[str] = frozenset()) -> str:
     pools = " ".join(f"{name.lower()}:{mb}M" for name, mb in options.pool_limits_mb().items())
     tactic_note = f", builder tactic DRAM capped at {options.tactic_dram_mb} MiB" if options.tactic_dram_mb else ""
     tactic_warning = ""

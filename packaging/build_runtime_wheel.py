@@ -3,7 +3,8 @@
     python packaging/build_runtime_wheel.py -o dist/
 
 The wheel holds ``mordasr`` (version, errors, the CLI error path and the lazy-import helper only),
-``mordasr.runtime`` and its backends, and ``mordasr.serving`` (Ray imported only when used), with the ``mordasr-run`` and
+``mordasr.runtime`` and its backends, and ``mordasr.serving`` (Ray imported only when used), with the
+``mordasr-run`` and
 ``mordasr-serve`` commands. It is an alternative to the full ``mordasr`` distribution for
 devices that only run bundles (a Jetson); install one or the other, not both.
 """

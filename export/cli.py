@@ -166,7 +166,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                                          force=True, random_weights=bool(meta.get("random_weights")),
                                          weight_packs=not no_weight_packs, profile=plan.sizes,
                                          source={**checkpoint_source(checkpoint, fp32_out),
-                                                 "bucket_placement": bucket_placement},
+                                                 "bucket_placement": bucket_placement,
+                                                 **imported_source(meta)},
                                          on_graph=on_graph)
             written = [fp32_out]
             if headline:
@@ -224,6 +225,11 @@ def checkpoint_source(checkpoint: Path, bundle: Path) -> dict[str, str]:
     the bundle (for a bundle moved together with its checkpoint)."""
     return {"checkpoint": str(checkpoint.resolve()),
             "checkpoint_from_bundle": os.path.relpath(checkpoint.resolve(), bundle.resolve())}
+
+
+def imported_source(meta: dict) -> dict:
+    """For a checkpoint from mordasr-import: its origin and the prompt baked into the UNet."""
+    return {key: meta[key] for key in ("imported", "text_conditioning") if key in meta}
 
 
 def _write_triton(bundle: Path, repo: Path, engines: bool, quiet: bool) -> None:

@@ -51,16 +51,31 @@ class AdapterConfig:
     unet_targets: tuple[str, ...] = UNET_TARGETS
     adaptir_ratio: int = 24  # AdaptIR hidden width = d_model / ratio (24 in the paper's IPT setup)
     expert_size: int = 1  # MoR ranks per routed expert (>1: module-level LoRA-MoE ablation)
+    # Dense LoRA only, as peft's LoraConfig: per-module rank and alpha, keyed by the adapted
+    # module's full name in OneStepSR ("unet.conv_in", "vae.encoder.conv_in", "vae.quant_conv").
+    # Imported checkpoints (mordasr-import) use them when ranks differ between the UNet and the VAE.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
         return self.r_shared + self.r_routed
+
+    def rank_of(self, module: str) -> int:
+        return int(self.rank_pattern.get(module, self.rank))
+
+    def alpha_of(self, module: str) -> float | None:
+        return self.alpha_pattern.get(module, self.alpha)
 
     def validate(self) -> None:
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
         if self.rank <= 0:
             raise ValueError("adapter rank must be positive")
+        if (self.rank_pattern or self.alpha_pattern) and self.kind != "lora":
+            raise ValueError("rank_pattern and alpha_pattern apply to dense LoRA adapters only")
+        if any(int(r) <= 0 for r in self.rank_pattern.values()):
+            raise ValueError("every rank in rank_pattern must be positive")
         if self.kind == "mor" and (self.expert_size < 1 or self.r_routed % self.expert_size):
             raise ValueError(f"r_routed={self.r_routed} must be a multiple of expert_size={self.expert_size}")
         slots = self.r_routed // max(self.expert_size, 1) + self.n_zero

@@ -17,11 +17,12 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
 
 
 def make_adapter(base: nn.Module, config: AdapterConfig, num_scores: int,
-                 routing: RoutingContext) -> AdapterLayer:
+                 routing: RoutingContext, name: str = "") -> AdapterLayer:
+    """The configured adapter around ``base``; ``name`` (its full name) looks up per-module ranks."""
     is_conv = isinstance(base, nn.Conv2d)
     if config.kind == "lora":
         cls = LoRAConv2d if is_conv else LoRALinear
-        return cls(base, config.rank, config.alpha, routing)
+        return cls(base, config.rank_of(name), config.alpha_of(name), routing)
     cls = MoRConv2d if is_conv else MoRLinear
     return cls(base, r_shared=config.r_shared, r_routed=config.r_routed, top_k=config.top_k,
                n_zero=config.n_zero, num_scores=num_scores, alpha=config.alpha, routing=routing,
@@ -29,10 +30,11 @@ def make_adapter(base: nn.Module, config: AdapterConfig, num_scores: int,
 
 
 def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConfig,
-                    num_scores: int, routing: RoutingContext) -> list[str]:
+                    num_scores: int, routing: RoutingContext, prefix: str = "") -> list[str]:
     """Replace every ``nn.Linear``/``nn.Conv2d`` under ``root`` whose name ends with a target.
 
-    Returns the names of the adapted modules. Grouped convolutions are left alone.
+    Returns the names of the adapted modules. Grouped convolutions are left alone. ``prefix`` is
+    ``root``'s own name in the model, for per-module ranks (``AdapterConfig.rank_pattern``).
     """
     targets = tuple(targets)
     adapted = []
@@ -45,7 +47,7 @@ def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConf
             continue
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, make_adapter(module, config, num_scores, routing))
+        setattr(parent, child, make_adapter(module, config, num_scores, routing, prefix + name))
         adapted.append(name)
     if not adapted:
         raise ValueError(f"no module matched the adapter targets {targets}")

@@ -54,11 +54,14 @@ class OneStepSR(nn.Module):
             self.has_adapters = True
             self.freeze_base()
             return names
-        encoder = inject_adapters(self.vae.encoder, cfg.encoder_targets, cfg, d, self.routing)
-        names = ["vae.encoder." + n for n in encoder]
-        if getattr(self.vae, "quant_conv", None) is not None:
-            names += ["vae." + n for n in inject_adapters(self.vae, ("quant_conv",), cfg, d, self.routing)]
-        names += ["unet." + n for n in inject_adapters(self.unet, cfg.unet_targets, cfg, d, self.routing)]
+        names = []
+        if cfg.encoder_targets:  # empty: the VAE stays as it is (a UNet-only imported LoRA)
+            encoder = inject_adapters(self.vae.encoder, cfg.encoder_targets, cfg, d, self.routing, "vae.encoder.")
+            names += ["vae.encoder." + n for n in encoder]
+            if getattr(self.vae, "quant_conv", None) is not None:
+                names += ["vae." + n for n in inject_adapters(self.vae, ("quant_conv",), cfg, d, self.routing, "vae.")]
+        if cfg.unet_targets:
+            names += ["unet." + n for n in inject_adapters(self.unet, cfg.unet_targets, cfg, d, self.routing, "unet.")]
         self.has_adapters = True
         self.freeze_base()
         return names

@@ -28,15 +28,27 @@ def _plain_config(config) -> dict:
             if not k.startswith("_")}
 
 
-def _null_text(diffusers_dir: Path, tokens: int) -> torch.Tensor:
+def prompt_embedding(diffusers_dir: str | Path, prompt: str = "", tokens: int = 77) -> torch.Tensor:
+    """(1, tokens, dim) text-encoder states of ``prompt`` from a local diffusers folder.
+
+    The exported UNet takes no text input: this one embedding (the empty prompt by default,
+    OSEDiff's tag prompt when imported with ``--prompt``) is baked into every graph."""
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError:
-        raise CheckpointError("reading the null-text embedding from a diffusers folder needs "
+        raise CheckpointError("reading a text embedding from a diffusers folder needs "
                               "transformers: pip install transformers") from None
+    diffusers_dir = Path(diffusers_dir)
+    for sub in ("tokenizer", "text_encoder"):
+        if not (diffusers_dir / sub).is_dir():
+            raise CheckpointError(f"{diffusers_dir}: no {sub}/ folder (needed for the text embedding)")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one small model: its loading bar is noise on stderr
     tokenizer = CLIPTokenizer.from_pretrained(diffusers_dir, subfolder="tokenizer", local_files_only=True)
     encoder = CLIPTextModel.from_pretrained(diffusers_dir, subfolder="text_encoder", local_files_only=True)
-    ids = tokenizer([""], padding="max_length", max_length=tokens, return_tensors="pt").input_ids
+    ids = tokenizer([prompt], padding="max_length", max_length=tokens, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
         return encoder(ids)[0].float()
 
@@ -76,7 +88,12 @@ def build_sd21(diffusers_dir: str | Path | None = None, clip_checkpoint: str | P
     config.vae = _plain_config(vae.config)
     config.unet = _plain_config(unet.config)
     config.latent_scale = float(vae.config.get("scaling_factor", config.latent_scale))
-    clip = open_clip.create_model(config.clip_model_name, pretrained=str(clip_checkpoint))
+    try:
+        clip = open_clip.create_model(config.clip_model_name, pretrained=str(clip_checkpoint))
+    except Exception as err:  # open_clip raises RuntimeError, KeyError or AssertionError on a foreign state dict
+        raise CheckpointError(f"{clip_checkpoint}: not an open_clip {config.clip_model_name} checkpoint "
+                              f"(pass --clip-model-name for another architecture): "
+                              f"{str(err).strip().splitlines()[0][:160]}") from None
     clip.eval()
     vision = clip.visual
     clip_cfg = open_clip.get_model_config(config.clip_model_name)
@@ -84,7 +101,7 @@ def build_sd21(diffusers_dir: str | Path | None = None, clip_checkpoint: str | P
     config.clip_vision = dict(clip_cfg["vision_cfg"])
     config.router_image_size = int(vision.image_size[0])
     if null_text is None:
-        null_text = _null_text(diffusers_dir, config.text_tokens)
+        null_text = prompt_embedding(diffusers_dir, "", config.text_tokens)
     config.text_tokens = int(null_text.shape[1])
 
     model = OneStepSR(config, with_adapters=False)

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from mordasr.errors import CheckpointError
 from mordasr.model.sd21 import build_sd21
-
-
-def _fake_sd_folder(tmp_path):
-    """A diffusers folder and an open_clip checkpoint with tiny widths, written locally."""
-    import open_clip
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    folder = tmp_path / "sd"
-    AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
-                  scaling_factor=0.5).save_pretrained(folder / "vae")
-    UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-                         attention_head_dim=4, norm_num_groups=8).save_pretrained(folder / "unet")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "mordasr-test-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "mordasr-test-clip.json")
-    clip = open_clip.create_model("mordasr-test-clip")
-    torch.save(clip.state_dict(), tmp_path / "clip.pt")
-    return folder, tmp_path / "clip.pt"
+from mordasr.tests.sd_folder import fake_sd_folder
 
 
 def test_build_sd21_from_local_folders(tmp_path):
-    folder, clip_file = _fake_sd_folder(tmp_path)
+    folder, clip_file = fake_sd_folder(tmp_path)
     null_text = torch.randn(1, 5, 24)
     model = build_sd21(folder, clip_file, clip_model_name="mordasr-test-clip", null_text=null_text)
     assert model.config.latent_scale == 0.5 and model.config.router_image_size == 32

@@ -16,6 +16,11 @@ class BaseTrainingConfig:
     lr: float = 1e-3  # AdamW peak learning rate (vae, estimator); the sr stage uses half
     recon_weight: float = 0.5  # sr stage: weight of the HR reconstruction term that keeps the VAE a VAE
     latent_weight: float = 0.1  # sr stage: weight of |z_h - Enc(HR)|^2 (the x0 step aims at the HR latent)
+    # sr stage: share of each degradation kind in a batch. Mostly clean and light synthetic ones:
+    # with 30 % Real-ESRGAN inputs the stage stayed at bicubic level for 500 steps, while clean
+    # inputs gained +0.24 dB in 150 (benchmarks/results/tiny-base/README.md); heavy degradations
+    # are the adapters' job.
+    sr_mix: str = "clean=0.5,synthetic=0.4,realesrgan=0.1"
     checkpoint_every: int = 250  # steps between resume states within a stage
     seed: int = 0
 
@@ -25,5 +30,24 @@ class BaseTrainingConfig:
                 raise ValueError(f"{name} must be positive")
         if self.crop % 16:
             raise ValueError("crop must be a multiple of 16 (scale x the latent grid's multiple)")
+        self.degradation_mix()
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+
+    def degradation_mix(self) -> tuple[tuple[str, float], ...]:
+        """``sr_mix`` as ((kind, probability), ...), normalised to sum to 1."""
+        kinds = ("clean", "synthetic", "realesrgan")
+        parts = []
+        for item in self.sr_mix.split(","):
+            kind, _, share = item.partition("=")
+            try:
+                value = float(share)
+            except ValueError:
+                raise ValueError(f"sr_mix: {item!r} is not KIND=SHARE") from None
+            if kind.strip() not in kinds or value < 0:
+                raise ValueError(f"sr_mix: {item!r}: KIND is one of {', '.join(kinds)} and SHARE >= 0")
+            parts.append((kind.strip(), value))
+        total = sum(v for _, v in parts)
+        if total <= 0:
+            raise ValueError("sr_mix: the shares sum to zero")
+        return tuple((k, v / total) for k, v in parts)

@@ -194,10 +194,11 @@ def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool =
     mon_lr, mon_hr = _monitor_set(model)
     trained = torch.nn.ModuleDict({"vae": model.vae, "unet": model.unet})
     n_recon = max(1, cfg.batch // 4)
+    mix = cfg.degradation_mix()
 
     def loss(_step: int) -> torch.Tensor:
         hr = sampler.sample(cfg.batch)
-        lr = mixed_degraded_batch(hr, model.config.scale, rng)
+        lr = mixed_degraded_batch(hr, model.config.scale, rng, mix)
         lr_t, hr_t = nchw(lr), nchw(hr)
         z_l = model.encode(lr_t)
         z_h = model.schedule.x0(z_l, model.denoise(z_l))

@@ -175,6 +175,8 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
               help="HR crop side in pixels (a multiple of 16).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_BASE_DEFAULTS.lr, show_default=True,
               help="AdamW peak learning rate (warmup, then cosine to 0); the sr stage uses half.")
+@click.option("--sr-mix", default=_BASE_DEFAULTS.sr_mix, show_default=True,
+              help="Stage sr: share of clean bicubic, synthetic (blur/noise/JPEG) and Real-ESRGAN inputs.")
 @click.option("--stages", default=",".join(("vae", "sr", "estimator")), show_default=True,
               help="Comma-separated stages to train (run in the order vae, sr, estimator).")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
@@ -185,7 +187,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
-         crop: int, lr: float, stages: str, start_from: Path | None, checkpoint_every: int, seed: int,
+         crop: int, lr: float, sr_mix: str, stages: str, start_from: Path | None, checkpoint_every: int, seed: int,
          quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
@@ -200,7 +202,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
     from mordasr.training.base_trainer import train_base
 
     cfg = BaseTrainingConfig(data=str(data) if data else None, vae_steps=vae_steps, sr_steps=sr_steps,
-                             estimator_steps=estimator_steps, batch=batch, crop=crop, lr=lr,
+                             estimator_steps=estimator_steps, batch=batch, crop=crop, lr=lr, sr_mix=sr_mix,
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),

@@ -1,0 +1,1 @@
+"""Checkpoints trained elsewhere (OSEDiff, peft, diffusers LoRA) as mordasr dense-LoRA checkpoints."""

@@ -27,6 +27,7 @@ from mordasr.errors import MordasrError
 from mordasr.runtime.atomic import atomic_write
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
+from mordasr.runtime.tolerances import graph_tolerances
 from mordasr.runtime.trt_settings import EngineOptions, build_settings, engine_graphs, profile_shapes
 
 SCRIPT_NAME = "build_engines.sh"
@@ -35,7 +36,6 @@ POSTPROCESS = "engines/trt_postprocess.py"
 # The TensorRT API generations whose build settings differ (see runtime/trt_settings.py).
 VARIANTS = {"10": TensorRTVersion(10), "11": TensorRTVersion(11), "11.3": TensorRTVersion(11, 3)}
 # |engine - ONNX Runtime| allowed per precision when the bundle has no accuracy report.
-DEFAULT_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
 
 _HEADER = r"""#!/usr/bin/env bash
 # Build TensorRT engines for this mordasr bundle ({mode}, {precision}) on the device that runs them.
@@ -240,19 +240,6 @@ def postprocess_script(bundle_dir: Path, manifest: Manifest, options: EngineOpti
     return _POSTPROCESS.format(file=POSTPROCESS, functions="\n\n".join(functions)), marks
 
 
-def _tolerances(bundle_dir: Path, graph: GraphSpec) -> tuple[float, float]:
-    atol, rtol = DEFAULT_TOLERANCES.get(graph.precision, DEFAULT_TOLERANCES["fp32"])
-    report = bundle_dir / "accuracy.json"
-    if report.is_file() and graph.precision != "fp32":
-        # The report measures the bundle's graphs against FP32 on calibration images; an engine
-        # may add its own rounding on top, so allow twice that before calling it a mismatch.
-        errors = [r.get("max_abs_error") for r in json.loads(report.read_text()).get("rows", [])]
-        errors = [e for e in errors if isinstance(e, (int, float))]
-        if errors:
-            atol = max(atol, 2 * max(errors))
-    return atol, rtol
-
-
 def verify_script(bundle_dir: Path, manifest: Manifest, options: EngineOptions) -> str:
     lines = ["#!/usr/bin/env bash",
              "# Compare every built engine with ONNX Runtime on the same seeded inputs (written by mordasr-export).",
@@ -265,7 +252,7 @@ def verify_script(bundle_dir: Path, manifest: Manifest, options: EngineOptions) 
     for graph in engine_graphs(manifest, options.refittable):
         profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size, options.batch)
         shapes = " ".join(f"{name}:[{','.join(map(str, s[1]))}]" for name, s in profile.items())
-        atol, rtol = _tolerances(bundle_dir, graph)
+        atol, rtol = graph_tolerances(bundle_dir, graph)
         ref = f"engines/verify/{graph.key}"
         lines += [f"# {graph.key} ({graph.precision}): atol {atol:g}, rtol {rtol:g}",
                   f"polygraphy run {shlex.quote(graph.file)} --onnxrt --input-shapes {shapes} --val-range [0,1] "

@@ -47,9 +47,13 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
         _fail(str(err))
     a, b = specs.split(",")[:2]
     click.echo(f"{input_path}: {a.strip()} vs {b.strip()}")
-    click.echo(f"  {'output':<12} {'max abs':>12} {'mean abs':>12}")
+    click.echo(f"  {'output':<12} {'max abs':>12} {'mean abs':>12} {'atol':>8}  verdict (Polygraphy)")
     for row in rows:
-        click.echo(f"  {row['output']:<12} {row['max_abs']:>12.3g} {row['mean_abs']:>12.3g}")
+        verdict = {True: "PASSED", False: "FAILED", None: "-- (pip install polygraphy)"}[row["passed"]]
+        click.echo(f"  {row['output']:<12} {row['max_abs']:>12.3g} {row['mean_abs']:>12.3g} "
+                   f"{row['atol']:>8.2g}  {verdict}")
+    if any(row["passed"] is False for row in rows):
+        _fail("the backends differ beyond the tolerances above", exit_code=1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -214,10 +214,20 @@ def test_compare_backends(folded_bundle, tmp_path):
     assert outputs[0] == "router" and outputs[-1] == "image" and len(outputs) == 5
     assert all(0 <= r["mean_abs"] <= r["max_abs"] < 1e-4 for r in rows)
     assert rows[0]["max_abs"] == 0.0  # the router runs the same graph the same way
+    assert all(r["passed"] is True and r["atol"] == 1e-3 for r in rows)  # Polygraphy's verdict, FP32 tolerance
     with pytest.raises(MordasrError, match="exactly two"):
         compare_backends(folded_bundle, IMAGE, ["onnxruntime"])
     with pytest.raises(MordasrError, match="unknown backend"):
         compare_backends(folded_bundle, IMAGE, ["onnxruntime", "openvino"])
+
+
+def test_polygraphy_verdict_fails_beyond_tolerance():
+    from mordasr.runtime.compare import polygraphy_verdicts
+
+    a = {"unet": np.zeros((1, 4, 8, 8), np.float32), "image": np.zeros((8, 8, 3), np.float32)}
+    b = {"unet": a["unet"] + 5e-4, "image": a["image"] + np.eye(8, dtype=np.float32)[:, :, None] * 0.05}
+    verdicts = polygraphy_verdicts(a, b, {"unet": (1e-3, 0.0), "image": (1e-2, 0.0)})
+    assert verdicts == {"unet": True, "image": False}
 
 
 def test_compare_backends_cli(folded_bundle, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -66,6 +67,30 @@ def test_int8_report_is_measured(int8_bundle):
     assert all(r["psnr_vs_fp32_torch"] > 60 for r in fp32)
     assert all(a["psnr_vs_fp32_torch"] > b["psnr_vs_fp32_torch"] for a, b in zip(fp32, int8))
     assert "| precision |" in (int8_bundle / "accuracy.md").read_text()
+
+
+INT8_FLOOR_DB = 30.0  # README: an INT8 bundle stays >= 30 dB PSNR from FP32 PyTorch on every bucket
+
+
+def test_int8_accuracy_floor_is_the_reports_and_the_report_is_the_bundles(int8_bundle, tiny_model):
+    """The floor holds on the report's figures, and those figures are what the INT8 bundle does:
+    recomputed here through the runtime on the report's own images, they agree to 0.01 dB."""
+    from mordasr.calib.report import evaluation_set
+
+    rows = [r for r in json.loads((int8_bundle / "accuracy.json").read_text())["rows"] if r["precision"] == "int8"]
+    assert rows and all(r["psnr_vs_fp32_torch"] >= INT8_FLOOR_DB for r in rows), rows
+    restorer = Restorer(int8_bundle)
+    lrs, _ = evaluation_set(2, restorer.scale)
+    for row in rows:
+        psnrs = []
+        for lr in lrs:
+            x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)[None]))
+            with torch.no_grad():
+                centre = torch.tensor(restorer.centres[row["bucket"]], dtype=torch.float32).reshape(1, -1)
+                reference = tiny_model(x, centre)[0].numpy().transpose(1, 2, 0)
+            image = restorer.restore(lr, bucket=row["bucket"]).image
+            psnrs.append(10 * np.log10(1 / np.mean((np.clip(image, 0, 1) - reference) ** 2)))
+        assert abs(np.mean(psnrs) - row["psnr_vs_fp32_torch"]) < 0.01, (row, psnrs)
 
 
 @pytest.mark.parametrize("mode", ["folded", "gated", "hybrid"])

@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from mordasr.runtime.jobs import each_or_error
 from mordasr.runtime.pipeline import Restorer
+from mordasr.runtime.tiling import Tiling
 
 
 class TritonPythonModel:
@@ -28,7 +29,7 @@ class TritonPythonModel:
         pipeline = json.loads((here / "pipeline.json").read_text())
         self.restorer = Restorer(here, backend="triton-bls", verify_hashes=False, models=pipeline["models"],
                                  pb_utils=pb_utils)
-        self.tiling = pipeline.get("tiling", {})
+        self.tiling = Tiling.from_dict(pipeline.get("tiling", {}))
         self.max_batch = max(1, pipeline.get("max_batch_size", 1))  # the component models' limit
 
     def execute(self, requests):
@@ -45,7 +46,7 @@ class TritonPythonModel:
                 answers[i] = _error(err)
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            results = each_or_error(lambda batch: self.restorer.restore_batch(batch, **self.tiling),
+            results = each_or_error(lambda batch: self.restorer.restore_batch(batch, self.tiling),
                                     [image for _, image in chunk])
             for (i, _), result in zip(chunk, results):
                 answers[i] = _error(result) if isinstance(result, Exception) else pb_utils.InferenceResponse(

@@ -128,6 +128,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     # after argument parsing, so --help is instant
     from mordasr.runtime.jobs import RestoreOptions, describe, failure_reason, restore_file
     from mordasr.runtime.pipeline import Restorer
+    from mordasr.runtime.tiling import Tiling
 
     if not input_path.exists():
         _fail(f"{input_path}: no such file or folder")
@@ -154,8 +155,8 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
             click.echo(f"nothing to do: all {len(skipped)} outputs exist")
         return
     options = backend_options(backend, threads, bucket_switch, max_engines)
-    job_options = RestoreOptions(tile=tile, overlap=tile_overlap, tile_routing=tile_routing, window=tile_window,
-                                 color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
+    tiling = Tiling(tile=tile, overlap=tile_overlap, per_tile_routing=tile_routing, window=tile_window)
+    job_options = RestoreOptions(tiling=tiling, color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
                                  max_pixels=max_pixels)
     failures: list[tuple[Path, str]] = []
     progress = None

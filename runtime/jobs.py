@@ -25,6 +25,7 @@ from mordasr.runtime.images import (
     write_image,
 )
 from mordasr.runtime.pipeline import Restorer, RestoreResult
+from mordasr.runtime.tiling import Tiling
 
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -33,19 +34,11 @@ T, R = TypeVar("T"), TypeVar("R")
 class RestoreOptions:
     """What ``mordasr-run`` options change about one image's restore."""
 
-    tile: int | None = None  # LR tile side; None: the bundle profile's; 0: never tile
-    overlap: int | None = None
-    tile_routing: bool = False
-    window: str = "gaussian"
+    tiling: Tiling = Tiling()
     color_fix: str = "none"  # none | adain | wavelet
     bit_depth: str = "auto"  # auto | 8 | 16
     keep_alpha: bool = True  # False: composite transparent inputs over white
     max_pixels: int = DEFAULT_MAX_PIXELS
-
-    @property
-    def tiling(self) -> dict:
-        return {"tile": self.tile, "overlap": self.overlap, "tile_routing": self.tile_routing,
-                "window": self.window}
 
 
 @dataclass
@@ -69,7 +62,7 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
     """Restore decoded images; several go through ``Restorer.restore_batch`` together."""
     keep = [d.alpha is not None and options.keep_alpha for d in decoded]
     inputs = [d.rgb if k else d.composited() for d, k in zip(decoded, keep)]
-    results = restorer.restore_batch(inputs, **options.tiling)
+    results = restorer.restore_batch(inputs, options.tiling)
     restored = []
     for d, k, image, result in zip(decoded, keep, inputs, results):
         fixed = color_fix_image(result.image, image, options.color_fix)

@@ -23,7 +23,7 @@ from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket
-from mordasr.runtime.tiling import tiled_apply
+from mordasr.runtime.tiling import Tiling, tiled_apply
 
 log = logging.getLogger("mordasr.runtime")
 
@@ -124,37 +124,35 @@ class Restorer:
         largest = self.manifest.profile.get("max") if self.manifest.profile else None
         return min(largest) // self.scale if largest else None
 
-    def restore(self, image: np.ndarray, bucket: int | None = None, tile: int | None = None,
-                overlap: int | None = None, tile_routing: bool = False,
-                window: str = "gaussian") -> RestoreResult:
+    def restore(self, image: np.ndarray, bucket: int | None = None,
+                tiling: Tiling = Tiling()) -> RestoreResult:
         """Super-resolve one low-resolution image (H, W, 3) float in [0, 1].
 
         ``bucket`` forces a folded bundle's bucket instead of the router's nearest one. Images
-        with a side above ``tile`` LR pixels (default: the bundle profile's largest output /
-        scale) run in overlapping tiles (``overlap`` LR pixels, default tile / 4) blended with
-        a ``window``; ``tile_routing`` scores each tile instead of the whole image.
+        with a side above ``tiling.tile`` LR pixels (default: the bundle profile's largest output
+        / scale) run in overlapping tiles (``tiling.overlap`` LR pixels, default tile / 4) blended
+        with ``tiling.window``; ``tiling.per_tile_routing`` scores each tile instead of the whole image.
         """
         _check_image(image)
         # 1. router: degradation scores of the whole image (a downscaled view)
         scores = self.scores(image)
-        return self._restore_scored(image, scores, bucket, tile, overlap, tile_routing, window)
+        return self._restore_scored(image, scores, bucket, tiling)
 
-    def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None, tile: int | None,
-                        overlap: int | None, tile_routing: bool, window: str) -> RestoreResult:
+    def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
+                        tiling: Tiling) -> RestoreResult:
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
         x = self._pad(image)
-        tile = tile if tile is not None else self.default_tile()
+        tile = tiling.tile if tiling.tile is not None else self.default_tile()
         if tile and max(x.shape[-2:]) > tile:
-            out = self._restore_tiled(x, bucket, score_feed, tile, overlap, tile_routing, window)
-            bucket = None if tile_routing else bucket
+            out = self._restore_tiled(x, bucket, score_feed, tile, tiling)
+            bucket = None if tiling.per_tile_routing else bucket
         else:
             out = self._restore_whole(x, bucket, score_feed)  # 3.-6.
         return RestoreResult(self._crop(out[0], image), scores, bucket)
 
-    def restore_batch(self, images: list[np.ndarray], tile: int | None = None, overlap: int | None = None,
-                      tile_routing: bool = False, window: str = "gaussian") -> list[RestoreResult]:
+    def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling()) -> list[RestoreResult]:
         """Several images at once (a server's dynamic batch): one router call for all, then one
         call per graph for each group of images with the same size and bucket. Images larger
         than the tile run alone, as in ``restore``."""
@@ -162,7 +160,7 @@ class Restorer:
             _check_image(image)
         if not images:
             return []
-        tile = tile if tile is not None else self.default_tile()
+        tile = tiling.tile if tiling.tile is not None else self.default_tile()
         scores = self.scores_batch(images)
         buckets = [self.route(s) for s in scores]
         padded = [self._pad(image) for image in images]
@@ -170,7 +168,7 @@ class Restorer:
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(padded):
             if tile and max(x.shape[-2:]) > tile:
-                results[i] = self._restore_scored(images[i], scores[i], None, tile, overlap, tile_routing, window)
+                results[i] = self._restore_scored(images[i], scores[i], None, tiling)
             else:
                 groups.setdefault((x.shape, buckets[i]), []).append(i)
         for (_, bucket), members in groups.items():
@@ -216,21 +214,21 @@ class Restorer:
         return np.ascontiguousarray(restored)
 
     def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
-                       overlap: int | None, tile_routing: bool, window: str) -> np.ndarray:
+                       tiling: Tiling) -> np.ndarray:
         """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended
         into one output buffer: nothing full-size but the output (memory linear in pixels)."""
         m = self.manifest.lr_multiple
         tile = max(m, tile // m * m)
-        overlap = (tile // 4 if overlap is None else overlap) // m * m
+        overlap = (tile // 4 if tiling.overlap is None else tiling.overlap) // m * m
         overlap = min(overlap, tile - m)
 
         def restore_tile(t: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
-            if not tile_routing:
+            if not tiling.per_tile_routing:
                 return self._restore_whole(t, bucket, score_feed)
             tile_scores = self.scores(t[0].transpose(1, 2, 0))
             return self._restore_whole(t, self.route(tile_scores), tile_scores[None].astype(np.float32))
 
-        return tiled_apply(restore_tile, x, tile, overlap, self.scale, m, window)
+        return tiled_apply(restore_tile, x, tile, overlap, self.scale, m, tiling.window)
 
 
 def _check_image(image: np.ndarray) -> None:

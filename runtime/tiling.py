@@ -11,10 +11,31 @@ accumulators of the output's size (16 bytes per output pixel for RGB): linear in
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 WINDOWS = ("gaussian", "linear")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tiling:
+    """How the runtime cuts an image too large for its graphs (``mordasr-run --tile*``)."""
+
+    tile: int | None = None  # LR tile side; None: the bundle profile's largest output / scale; 0: never tile
+    overlap: int | None = None  # LR pixels shared by neighbouring tiles; None: tile / 4
+    per_tile_routing: bool = False  # score each tile instead of the whole image
+    window: str = "gaussian"  # blending weights across overlaps: gaussian | linear
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ValueError(f"unknown tile window {self.window!r}; choose {' or '.join(WINDOWS)}")
+        if (self.tile is not None and self.tile < 0) or (self.overlap is not None and self.overlap < 0):
+            raise ValueError("tile and overlap must not be negative")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Tiling":
+        return cls(**data)
 
 
 def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:

@@ -12,6 +12,7 @@ import click
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.cli_options import backend_option, bucket_switch_option, threads_option
+from mordasr.runtime.tiling import Tiling
 from mordasr.serving.requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 _fail = failer("mordasr-serve")
@@ -76,7 +77,7 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
                            threads=threads or max(1, int(cpus_per_replica)), bucket_switch=bucket_switch,
                            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
                            limits=RequestLimits(max_bytes, max_pixels),
-                           restore={"tile": tile, "color_fix": color_fix})
+                           restore={"tiling": Tiling(tile=tile), "color_fix": color_fix})
     try:
         app = build_app(config, replicas=replicas, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
     except (MordasrError, ImportError) as err:

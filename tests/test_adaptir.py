@@ -17,6 +17,7 @@ from mordasr.errors import MordasrError
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.adapters.adaptir import AdaptIR
 from mordasr.model.spectral import angle, irfft2_matmul, irfft2_torch, rfft2_matmul, rfft2_torch
+from mordasr.runtime.tiling import Tiling
 
 TOL = 2e-5  # float32 matrix products vs cuFFT/pocketfft on unit-variance inputs of these sizes
 
@@ -175,7 +176,7 @@ def test_exported_bundle_matches_pytorch_in_onnxruntime(adaptir_bundle, adaptir_
 
     restorer = Restorer(adaptir_bundle)
     image = np.random.default_rng(sum(hw)).uniform(0, 1, hw + (3,)).astype(np.float32)
-    out = restorer.restore(image, tile=0).image
+    out = restorer.restore(image, tiling=Tiling(tile=0)).image
     # the runtime reflect-pads to the graphs' multiple; AdaptIR's FFT sees the whole padded map
     m = restorer.manifest.lr_multiple
     padded = np.pad(image, ((0, -hw[0] % m), (0, -hw[1] % m), (0, 0)), mode="reflect")

@@ -135,7 +135,7 @@ image = np.random.default_rng(0).uniform(0, 1, (int(sys.argv[2]),) * 2 + (3,)).a
 before = rss("VmRSS:")
 restorer = Restorer(sys.argv[1], threads=1)
 for bucket in range(len(restorer.manifest.buckets)):
-    restorer.restore(image, bucket=bucket, tile=0)
+    restorer.restore(image, bucket=bucket, tiling=Tiling(tile=0))
 print(rss("VmHWM:") - before)
 """
 

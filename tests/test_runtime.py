@@ -15,6 +15,7 @@ from mordasr.errors import BundleError, ImageError
 from mordasr.runtime import Restorer, load_manifest
 from mordasr.runtime.images import resize
 from mordasr.runtime.routing import nearest_bucket
+from mordasr.runtime.tiling import Tiling
 
 
 def _torch_restore(model, image, scores):
@@ -130,11 +131,11 @@ def test_restore_batch_equals_one_by_one(bundle, request, rng):
     images = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(3)]
     images += [rng.random((12, 20, 3), dtype=np.float32), rng.random((7, 9, 3), dtype=np.float32),
                rng.random((40, 24, 3), dtype=np.float32)]
-    batch = restorer.restore_batch(images, tile=32)
+    batch = restorer.restore_batch(images, Tiling(tile=32))
     assert max(n for _, n in calls) >= 2  # shared calls happened
     restorer.tap = None
     for image, got in zip(images, batch):
-        alone = restorer.restore(image, tile=32)
+        alone = restorer.restore(image, tiling=Tiling(tile=32))
         assert got.bucket == alone.bucket and got.image.shape == alone.image.shape
         np.testing.assert_allclose(got.image, alone.image, atol=1e-5)
         np.testing.assert_allclose(got.scores, alone.scores, atol=1e-5)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mordasr.runtime import Restorer
-from mordasr.runtime.tiling import tile_starts, tiled_apply, window
+from mordasr.runtime.tiling import Tiling, tile_starts, tiled_apply, window
 
 
 @settings(max_examples=200, deadline=None)
@@ -89,8 +89,8 @@ def test_tiled_restore_matches_untiled(base_bundle):
 
     image = np.ascontiguousarray(load_sample_image("astronaut")[::4, ::4][:128, :128], dtype=np.float32)
     restorer = Restorer(base_bundle)
-    whole = restorer.restore(image, tile=0).image
-    tiled = restorer.restore(image, tile=32, overlap=16).image
+    whole = restorer.restore(image, tiling=Tiling(tile=0)).image
+    tiled = restorer.restore(image, tiling=Tiling(tile=32, overlap=16)).image
     assert tiled.shape == whole.shape == (512, 512, 3)
     mse = float(np.mean((tiled - whole) ** 2))
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
@@ -106,20 +106,21 @@ def test_tile_routing_and_default_tile(gated_bundle, folded_bundle):
     restorer = Restorer(folded_bundle)
     assert restorer.default_tile() == 512 // 4  # profile max output / scale (tiny preset)
     image = np.random.default_rng(1).uniform(0, 1, (40, 24, 3)).astype(np.float32)
-    per_tile = restorer.restore(image, tile=16, tile_routing=True)
+    per_tile = restorer.restore(image, tiling=Tiling(tile=16, per_tile_routing=True))
     assert per_tile.bucket is None and per_tile.image.shape == (160, 96, 3)
-    gated = Restorer(gated_bundle).restore(image, tile=16, overlap=4, window="linear")
+    gated = Restorer(gated_bundle).restore(image, tiling=Tiling(tile=16, overlap=4, window="linear"))
     assert np.isfinite(gated.image).all() and gated.image.shape == (160, 96, 3)
 
 
 _RSS = """
 import json, sys, numpy as np
 from mordasr.runtime import Restorer
+from mordasr.runtime.tiling import Tiling
 def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
 r = Restorer(sys.argv[1])
 image = np.random.default_rng(0).uniform(0, 1, (int(sys.argv[2]), int(sys.argv[2]), 3)).astype(np.float32)
-r.restore(image, bucket=0, tile=int(sys.argv[3]))
+r.restore(image, bucket=0, tiling=Tiling(tile=int(sys.argv[3])))
 print(json.dumps({"peak_mib": hwm() / 1024}))
 """
 

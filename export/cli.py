@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -112,7 +111,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     from mordasr.calib.precision_bundle import parse_precision_map
     from mordasr.export.buckets import default_buckets, grid_buckets
     from mordasr.export.bundle import MODES_BY_ADAPTER, check_mode, default_profile, export_bundle
-    from mordasr.export.device_plan import device_record, fit_to_device, make_plan
+    from mordasr.export.device_plan import device_record, export_to_fit, fit_to_device, make_plan, remove_bundles
     from mordasr.export.engine_script import write_engine_scripts
     from mordasr.export.engines import build_engines
     from mordasr.model.io import load_checkpoint
@@ -150,7 +149,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                                        tactic_dram_mb=plan.tactic_dram_mb)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        for attempt, candidate in enumerate(plan.modes):
+
+        def export_mode(candidate: str) -> list[Path]:
             k = num_buckets if candidate == "folded" else 1  # other modes record one bucket for reference
             if bucket_placement == "grid":
                 buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
@@ -162,14 +162,13 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                     bar.set_postfix_str(name)
                     bar.update(1)
 
-                manifest = export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim,
-                                         force=True, random_weights=bool(meta.get("random_weights")),
-                                         weight_packs=not no_weight_packs, profile=plan.sizes,
-                                         source={**checkpoint_source(checkpoint, fp32_out),
-                                                 "bucket_placement": bucket_placement,
-                                                 **imported_source(meta)},
-                                         on_graph=on_graph)
-            written = [fp32_out]
+                manifests.append(export_bundle(
+                    model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim, force=True,
+                    random_weights=bool(meta.get("random_weights")), weight_packs=not no_weight_packs,
+                    profile=plan.sizes, source={**checkpoint_source(checkpoint, fp32_out),
+                                                "bucket_placement": bucket_placement, **imported_source(meta)},
+                    on_graph=on_graph))
+            written.append(fp32_out)
             if headline:
                 from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
 
@@ -178,16 +177,14 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                           min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=True,
                           quiet=quiet, components=plan.precisions, fp32_fallback=plan.fp32_fallback)
                 written.append(out)
-            try:
-                estimate, switch = fit_to_device(out, load_manifest(out), plan)
-                break
-            except MordasrError as err:
-                if attempt + 1 == len(plan.modes):
-                    raise
-                click.echo(f"note: {candidate} does not fit {profile.name}: {err}; trying {plan.modes[attempt + 1]}",
-                           err=True)
-                _remove(written)
-                written = []
+            done = list(written)
+            written.clear()  # export_to_fit owns them now: it removes a mode that does not fit
+            return done
+
+        manifests: list = []
+        estimate, switch, written = export_to_fit(plan, out, export_mode,
+                                                  lambda text: click.echo(f"note: {text}", err=True))
+        manifest = manifests[-1]
         for path in written:
             bundle_manifest = load_manifest(path)
             path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
@@ -202,7 +199,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         if triton_dir is not None:
             _write_triton(out, triton_dir, engines=build_now, quiet=quiet)
     except (MordasrError, ValueError) as err:
-        _remove(written)
+        remove_bundles(written)
         _fail(str(err))
     if not quiet:
         final = load_manifest(out)
@@ -245,12 +242,6 @@ def _write_triton(bundle: Path, repo: Path, engines: bool, quiet: bool) -> None:
         raise MordasrError(f"{repo}: " + "; ".join(problems))
     if not quiet:
         click.echo(f"wrote Triton repository {repo} ({len(models)} models; start: see {repo / 'README.md'})")
-
-
-def _remove(paths: list[Path]) -> None:
-    """A refused or failed export leaves no bundle behind that the runtime would pick up."""
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

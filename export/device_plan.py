@@ -7,13 +7,15 @@ latent: its graphs stop at 512 px whatever the device holds).
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mordasr.errors import MordasrError
 from mordasr.export.memory import MemoryEstimate, check_budget, estimate_bundle
 from mordasr.runtime.devices import DeviceProfile
-from mordasr.runtime.manifest import Manifest
+from mordasr.runtime.manifest import Manifest, load_manifest
 
 CONVERTED = ("encoder", "unet", "decoder")
 
@@ -102,6 +104,35 @@ def fit_to_device(bundle: str | Path, manifest: Manifest, plan: ExportPlan) -> t
             return estimate, estimate.bucket_switch
     check_budget(estimate, plan.device.budget_bytes, plan.device.name)
     raise MordasrError("unreachable")  # check_budget raised
+
+
+def export_to_fit(plan: ExportPlan, fitted: Path, export_mode: Callable[[str], list[Path]],
+                  note: Callable[[str], None]) -> tuple[MemoryEstimate, str, list[Path]]:
+    """Export in the plan's modes, in order, until the bundle fits the device.
+
+    ``export_mode(mode)`` writes one mode's bundle(s) and returns the folders it wrote; ``fitted``
+    is the one whose memory must fit (the headline precision's). A mode that does not fit is
+    removed and the next one tried, with ``note`` saying why; when none fits, nothing is left
+    behind and the last refusal is raised. Returns (estimate, bucket switch, folders written).
+    """
+    for attempt, mode in enumerate(plan.modes):
+        written = export_mode(mode)
+        try:
+            estimate, switch = fit_to_device(fitted, load_manifest(fitted), plan)
+            return estimate, switch, written
+        except MordasrError as err:
+            remove_bundles(written)
+            if attempt + 1 == len(plan.modes):
+                raise
+            name = plan.device.name if plan.device else "the device"
+            note(f"{mode} does not fit {name}: {err}; trying {plan.modes[attempt + 1]}")
+    raise MordasrError("the plan has no export mode")
+
+
+def remove_bundles(paths: list[Path]) -> None:
+    """A refused or failed export leaves no bundle behind that the runtime would pick up."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def device_record(plan: ExportPlan, bucket_switch: str) -> dict:

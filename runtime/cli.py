@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -12,27 +11,40 @@ from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import backend_options
 from mordasr.runtime.cli_options import backend_option, bucket_switch_option, max_engines_option, threads_option
-from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OUTPUT_FORMATS, read_image
+from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_image
 
 _fail = failer("mordasr-run")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-def _output_suffix(path: Path) -> str:
-    """Keep the input's format where it can be written (GIF inputs become PNG)."""
-    return path.suffix if path.suffix.lower() in OUTPUT_FORMATS else ".png"
+class _Reporter:
+    """Prints each file's line (or error) and a tqdm bar with images/s and ETA for several files;
+    keeps the failures for the summary."""
 
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.quiet, self.failures = quiet, []
+        self.progress = None
+        if total > 1 and not quiet:
+            from tqdm import tqdm
 
-def _jobs(input_path: Path, output: Path, fmt: str | None) -> list[tuple[Path, Path]]:
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(p, (output / p.relative_to(input_path)).with_suffix(fmt or _output_suffix(p))) for p in files]
-    if output.is_dir():
-        output = output / (input_path.stem + (fmt or ".png"))
-    elif fmt:
-        output = output.with_suffix(fmt)
-    return [(input_path, output)]
+            self.progress = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, src, error: str, message: str) -> None:
+        if error:
+            self.failures.append((Path(src), error))
+            if self.progress:
+                self.progress.write(f"mordasr-run: error: {error}", file=sys.stderr)
+            else:
+                click.echo(f"mordasr-run: error: {error}", err=True)
+        elif not self.quiet:
+            (self.progress.write if self.progress else click.echo)(message)
+        if self.progress:
+            self.progress.update(1)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
 
 
 def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> None:
@@ -126,7 +138,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     reported at the end); 2 bad bundle, bad arguments, or the single input image failed.
     """
     # after argument parsing, so --help is instant
-    from mordasr.runtime.jobs import RestoreOptions, describe, failure_reason, restore_file
+    from mordasr.runtime.jobs import RestoreOptions, plan_jobs, restore_files
     from mordasr.runtime.pipeline import Restorer
     from mordasr.runtime.tiling import Tiling
 
@@ -140,7 +152,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     suffix = f".{'jpg' if fmt == 'jpg' else fmt}" if fmt else None
     if input_path.is_dir() and output.exists() and not output.is_dir():
         _fail(f"{output}: INPUT is a folder, so the output must be a folder")
-    jobs = _jobs(input_path, output, suffix)
+    jobs = plan_jobs(input_path, output, suffix)
     if not jobs:
         _fail(f"{input_path}: no images found ({', '.join(IMAGE_SUFFIXES)})")
     skipped = [j for j in jobs if skip_existing and j[1].exists()]
@@ -158,32 +170,13 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     tiling = Tiling(tile=tile, overlap=tile_overlap, per_tile_routing=tile_routing, window=tile_window)
     job_options = RestoreOptions(tiling=tiling, color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
                                  max_pixels=max_pixels)
-    failures: list[tuple[Path, str]] = []
-    progress = None
-    if len(jobs) > 1 and not quiet:
-        from tqdm import tqdm
-
-        # tqdm shows images/s and the ETA from the running rate
-        progress = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
-
-    def report(src, error: str, message: str) -> None:
-        if error:
-            failures.append((Path(src), error))
-            if progress:
-                progress.write(f"mordasr-run: error: {error}", file=sys.stderr)
-            else:
-                click.echo(f"mordasr-run: error: {error}", err=True)
-        elif not quiet:
-            (progress.write if progress else click.echo)(message)
-        if progress:
-            progress.update(1)
-
+    reporter = _Reporter(len(jobs), quiet)
     if use_ray:
         try:
             from mordasr.serving.batch import restore_with_ray
 
             summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
-                                       cpus_per_worker=threads or 1, address=address, on_result=report)
+                                       cpus_per_worker=threads or 1, address=address, on_result=reporter)
         except (MordasrError, ImportError) as err:
             _fail(str(err))
     else:
@@ -194,25 +187,17 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
         if not quiet:
             for warning in restorer.device_warnings():
                 click.echo(f"mordasr-run: warning: {warning}", err=True)
-        for src, dst in jobs:
-            start = time.perf_counter()
-            try:
-                restored = restore_file(restorer, src, dst, job_options)
-            except Exception as err:  # a long batch goes on past any one bad file, and says why
-                report(src, failure_reason(src, err), "")
-            else:
-                report(src, "", describe(src, dst, restored, restorer.manifest.mode, time.perf_counter() - start))
-    if progress:
-        progress.close()
+        restore_files(restorer, jobs, job_options, on_result=reporter)
+    reporter.close()
     if use_ray and not quiet:
         click.echo(f"ray: {summary.done} restored by {summary.workers} workers in {summary.seconds:.1f} s")
     if skipped and not quiet:
         click.echo(f"skipped {len(skipped)} images whose output exists")
-    if failures:
+    if reporter.failures:
         if len(jobs) == 1 and not input_path.is_dir():
             sys.exit(EXIT_ERROR)
-        click.echo(f"mordasr-run: {len(failures)} of {len(jobs)} images failed:", err=True)
-        for _, reason in failures:  # each reason starts with its file's path
+        click.echo(f"mordasr-run: {len(reporter.failures)} of {len(jobs)} images failed:", err=True)
+        for _, reason in reporter.failures:  # each reason starts with its file's path
             click.echo(f"  {reason}", err=True)
         sys.exit(EXIT_SOME_FAILED)
 

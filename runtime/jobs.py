@@ -6,6 +6,7 @@ restored by any of them is byte-for-byte the same for the same bundle and option
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from mordasr.errors import MordasrError, first_line
 from mordasr.runtime.color import color_fix as color_fix_image
 from mordasr.runtime.images import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
     DecodedImage,
     decode_image,
     encode_image,
@@ -100,6 +103,38 @@ def each_or_error(restore_many: Callable[[list[T]], list[R]], items: list[T]) ->
             except Exception as err:
                 results.append(err)
         return results
+
+
+def output_suffix(path: Path) -> str:
+    """Keep the input's format where it can be written (GIF inputs become PNG)."""
+    return path.suffix if path.suffix.lower() in OUTPUT_FORMATS else ".png"
+
+
+def plan_jobs(input_path: Path, output: Path, fmt: str | None) -> list[tuple[Path, Path]]:
+    """(input, output) file pairs: one for a file; for a folder, every image in it (recursively),
+    its relative path kept under ``output``, in the format ``fmt`` or its own."""
+    if input_path.is_dir():
+        files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(p, (output / p.relative_to(input_path)).with_suffix(fmt or output_suffix(p))) for p in files]
+    if output.is_dir():
+        output = output / (input_path.stem + (fmt or ".png"))
+    elif fmt:
+        output = output.with_suffix(fmt)
+    return [(input_path, output)]
+
+
+def restore_files(restorer: Restorer, jobs: list[tuple[Path, Path]], options: RestoreOptions,
+                  on_result: Callable[[Path, str, str], None]) -> None:
+    """Restore each (src, dst) in turn; ``on_result(src, error, line)`` hears of each. A file that
+    fails is reported and the run goes on (a long folder should not stop at one bad image)."""
+    for src, dst in jobs:
+        start = time.perf_counter()
+        try:
+            restored = restore_file(restorer, src, dst, options)
+        except Exception as err:
+            on_result(src, failure_reason(src, err), "")
+        else:
+            on_result(src, "", describe(src, dst, restored, restorer.manifest.mode, time.perf_counter() - start))
 
 
 def failure_reason(src: Path | str, err: Exception) -> str:

@@ -370,3 +370,37 @@ def test_non_finite_output_without_fallback_fails_and_writes_nothing(mixed_bundl
                                            "--bundle", str(bundle)])
     assert result.exit_code == 2 and "NaN/inf" in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_export_to_fit_tries_the_next_mode_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The retry loop alone: a mode that does not fit is removed and the next tried; when none
+    fits, nothing written remains and the last refusal comes through."""
+    from types import SimpleNamespace
+
+    from mordasr.export import device_plan
+
+    fits = {"folded": False, "gated": True}
+    monkeypatch.setattr(device_plan, "load_manifest", lambda path: SimpleNamespace(mode=path.read_text()))
+
+    def fake_fit(path, manifest, plan):
+        if not fits[manifest.mode]:
+            raise MordasrError(f"{manifest.mode} needs 9 GiB, the budget is 4 GiB")
+        return "estimate", "graphs"
+
+    monkeypatch.setattr(device_plan, "fit_to_device", fake_fit)
+
+    def export_mode(mode):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "mode").write_text(mode)
+        return [tmp_path / "out"]
+
+    monkeypatch.setattr(device_plan, "load_manifest", lambda path: SimpleNamespace(mode=(path / "mode").read_text()))
+    notes = []
+    plan = SimpleNamespace(modes=["folded", "gated"], device=SimpleNamespace(name="orin-nano-8gb"))
+    estimate, switch, written = device_plan.export_to_fit(plan, tmp_path / "out", export_mode, notes.append)
+    assert (estimate, switch, written) == ("estimate", "graphs", [tmp_path / "out"])
+    assert notes == ["folded does not fit orin-nano-8gb: folded needs 9 GiB, the budget is 4 GiB; trying gated"]
+    fits["gated"] = False
+    with pytest.raises(MordasrError, match="gated needs 9 GiB"):
+        device_plan.export_to_fit(plan, tmp_path / "out", export_mode, notes.append)
+    assert not (tmp_path / "out").exists()

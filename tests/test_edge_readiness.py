@@ -380,7 +380,6 @@ def test_export_to_fit_tries_the_next_mode_and_leaves_nothing_behind(tmp_path, m
     from mordasr.export import device_plan
 
     fits = {"folded": False, "gated": True}
-    monkeypatch.setattr(device_plan, "load_manifest", lambda path: SimpleNamespace(mode=path.read_text()))
 
     def fake_fit(path, manifest, plan):
         if not fits[manifest.mode]:

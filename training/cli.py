@@ -72,8 +72,8 @@ def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | 
     """Fine-tune adapters (LoRA, MoR or AdaptIR) on a frozen base with L2 + load-balance losses.
 
     Data: random crops of --data (or the photographs shipped with scikit-image), each degraded on
-    the fly by one of: clean bicubic x4, random blur/noise/JPEG, Real-ESRGAN's second-order chain
-    (the mix the base was trained on). Validation: fixed degraded crops of held-out photographs
+    the fly by one of: clean bicubic x4 (25 %), random blur/noise/JPEG (45 %), Real-ESRGAN's
+    second-order chain (30 %): mixed real-world degradations, what MoR is for. Validation: fixed degraded crops of held-out photographs
     (astronaut, chelsea), PSNR against bicubic upsampling.
     """
     import torch

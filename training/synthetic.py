@@ -83,13 +83,14 @@ def degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
     return lr, degradations, targets
 
 
-# The base's training mix: clean bicubic (the standard benchmark), the synthetic chain above with
-# random strengths, and Real-ESRGAN's second-order chain; one kind drawn per image.
-BASE_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
+# The adapters' training mix: clean bicubic (the standard benchmark), the synthetic chain above
+# with random strengths, and Real-ESRGAN's second-order chain; one kind drawn per image. (The base's
+# sr stage draws from its own, lighter mix: BaseTrainingConfig.sr_mix.)
+ADAPTER_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
 
 
 def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
-                         mix: tuple[tuple[str, float], ...] = BASE_MIX) -> np.ndarray:
+                         mix: tuple[tuple[str, float], ...] = ADAPTER_MIX) -> np.ndarray:
     """LR batch (N, h, w, 3) with each image degraded by a kind drawn from ``mix``."""
     import torch
 

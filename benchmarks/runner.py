@@ -436,7 +436,7 @@ TARGETS = (("folded UNet latency / merged dense-LoRA UNet latency", "mor-folded"
 
 
 def interleaved_ratios(calls: dict[tuple[str, str], Callable[[], object]], rounds: int, seed: int = 0,
-                       per_round: int = 3) -> list[dict]:
+                       per_round: int = 3, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """Each target's UNet latency ratio, measured in interleaved rounds: every round times every
     variant (in a shuffled order, ``per_round`` calls, median kept), and each round gives one
     ratio, so drifts of the machine (frequency, other load) hit both sides of a ratio alike. The
@@ -455,9 +455,9 @@ def interleaved_ratios(calls: dict[tuple[str, str], Callable[[], object]], round
             key = keys[i]
             samples = []
             for _ in range(per_round):
-                start = time.perf_counter()
+                start = clock()
                 calls[key]()
-                samples.append(time.perf_counter() - start)
+                samples.append(clock() - start)
             per_key[key].append(float(np.median(samples)) * 1e3)
     found = []
     for precision in sorted({p for _, p in keys}):

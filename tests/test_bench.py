@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -110,9 +110,17 @@ def test_time_call_and_targets():
              "components": {"unet": {"p50_ms": 9.0}}},
             {"variant": "dense-lora", "precision": "fp32", "runtime_overhead": 0.05,
              "components": {"unet": {"p50_ms": 10.0}}}]
-    fast, slow = (lambda: time.sleep(0.002)), (lambda: time.sleep(0.004))
-    ratios = interleaved_ratios({("mor-folded", "fp32"): fast, ("dense-lora", "fp32"): slow,
-                                 ("mor-gated", "fp32"): slow}, rounds=4, per_round=2)
+    # a clock that the calls advance (2 ms or 4 ms, with a little seeded jitter): the ratio logic
+    # is tested, not this machine's scheduler
+    now, jitter = [0.0], np.random.default_rng(0)
+
+    def taking(ms: float):
+        def call() -> None:
+            now[0] += ms * 1e-3 * (1 + 0.05 * jitter.standard_normal())
+        return call
+
+    ratios = interleaved_ratios({("mor-folded", "fp32"): taking(2), ("dense-lora", "fp32"): taking(4),
+                                 ("mor-gated", "fp32"): taking(4)}, rounds=4, per_round=2, clock=lambda: now[0])
     found = {t["target"]: t for t in targets(rows, ratios)}
     folded = found["folded UNet latency / merged dense-LoRA UNet latency (fp32)"]
     assert folded["rounds"] == 4 and folded["ci95"][0] <= folded["ratio"] <= folded["ci95"][1]

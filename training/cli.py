@@ -73,8 +73,8 @@ def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | 
 
     Data: random crops of --data (or the photographs shipped with scikit-image), each degraded on
     the fly by one of: clean bicubic x4 (25 %), random blur/noise/JPEG (45 %), Real-ESRGAN's
-    second-order chain (30 %): mixed real-world degradations, what MoR is for. Validation: fixed degraded crops of held-out photographs
-    (astronaut, chelsea), PSNR against bicubic upsampling.
+    second-order chain (30 %): mixed real-world degradations, what MoR is for. Validation: fixed
+    degraded crops of held-out photographs (astronaut, chelsea), PSNR against bicubic upsampling.
     """
     import torch
 

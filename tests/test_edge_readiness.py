@@ -131,6 +131,7 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 from mordasr.runtime.pipeline import Restorer
+from mordasr.runtime.tiling import Tiling
 image = np.random.default_rng(0).uniform(0, 1, (int(sys.argv[2]),) * 2 + (3,)).astype(np.float32)
 before = rss("VmRSS:")
 restorer = Restorer(sys.argv[1], threads=1)

@@ -21,7 +21,8 @@ def test_demo_beats_bicubic(tmp_path):
     ours = re.search(r"MoR-DASR tiny \(mor, folded\)\s+([\d.]+)\s+([\d.]+)", proc.stdout)
     assert bicubic and ours, proc.stdout
     psnr_bicubic, psnr_ours = float(bicubic.group(1)), float(ours.group(1))
-    assert psnr_ours > psnr_bicubic, f"restored {psnr_ours} dB <= bicubic {psnr_bicubic} dB"
+    # README: 23.38 vs 22.88 dB with the shipped base; held to half that margin
+    assert psnr_ours >= psnr_bicubic + 0.25, f"restored {psnr_ours} dB vs bicubic {psnr_bicubic} dB"
     for name in ("lr", "bicubic", "restored", "hr"):
         assert (tmp_path / "demo" / f"{name}.png").is_file()
     assert Image.open(tmp_path / "demo" / "restored.png").size == Image.open(tmp_path / "demo" / "hr.png").size

@@ -162,12 +162,12 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                     bar.set_postfix_str(name)
                     bar.update(1)
 
-                manifests.append(export_bundle(
-                    model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim, force=True,
-                    random_weights=bool(meta.get("random_weights")), weight_packs=not no_weight_packs,
-                    profile=plan.sizes, source={**checkpoint_source(checkpoint, fp32_out),
-                                                "bucket_placement": bucket_placement, **imported_source(meta)},
-                    on_graph=on_graph))
+                export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim, force=True,
+                              random_weights=bool(meta.get("random_weights")), weight_packs=not no_weight_packs,
+                              profile=plan.sizes, source={**checkpoint_source(checkpoint, fp32_out),
+                                                          "bucket_placement": bucket_placement,
+                                                          **imported_source(meta)},
+                              on_graph=on_graph)
             written.append(fp32_out)
             if headline:
                 from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
@@ -181,10 +181,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             written.clear()  # export_to_fit owns them now: it removes a mode that does not fit
             return done
 
-        manifests: list = []
         estimate, switch, written = export_to_fit(plan, out, export_mode,
                                                   lambda text: click.echo(f"note: {text}", err=True))
-        manifest = manifests[-1]
         for path in written:
             bundle_manifest = load_manifest(path)
             path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
@@ -202,7 +200,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         remove_bundles(written)
         _fail(str(err))
     if not quiet:
-        final = load_manifest(out)
+        final, manifest = load_manifest(out), load_manifest(fp32_out)
         if headline:
             click.echo(f"wrote {out} ({final.precision}: " + ", ".join(f"{c} {p}" for c, p in plan.precisions.items())
                        + f"; accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")

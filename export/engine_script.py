@@ -27,7 +27,7 @@ from mordasr.errors import MordasrError
 from mordasr.runtime.atomic import atomic_write
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
-from mordasr.runtime.tolerances import graph_tolerances
+from mordasr.runtime.tolerances import bundle_tolerances
 from mordasr.runtime.trt_settings import EngineOptions, build_settings, engine_graphs, profile_shapes
 
 SCRIPT_NAME = "build_engines.sh"
@@ -249,10 +249,12 @@ def verify_script(bundle_dir: Path, manifest: Manifest, options: EngineOptions) 
              '    [ -e "$plan" ] || { echo "no engines: run build_engines.sh first" >&2; exit 2; }; break',
              'done',
              ""]
-    for graph in engine_graphs(manifest, options.refittable):
+    graphs = engine_graphs(manifest, options.refittable)
+    tolerances = bundle_tolerances(bundle_dir, graphs)
+    for graph in graphs:
         profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size, options.batch)
         shapes = " ".join(f"{name}:[{','.join(map(str, s[1]))}]" for name, s in profile.items())
-        atol, rtol = graph_tolerances(bundle_dir, graph)
+        atol, rtol = tolerances[graph.key]
         ref = f"engines/verify/{graph.key}"
         lines += [f"# {graph.key} ({graph.precision}): atol {atol:g}, rtol {rtol:g}",
                   f"polygraphy run {shlex.quote(graph.file)} --onnxrt --input-shapes {shapes} --val-range [0,1] "

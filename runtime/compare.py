@@ -15,7 +15,7 @@ import numpy as np
 from mordasr.errors import MordasrError
 from mordasr.lazy import has_module, import_optional
 from mordasr.runtime.manifest import GraphSpec
-from mordasr.runtime.tolerances import DEFAULT_TOLERANCES, graph_tolerances
+from mordasr.runtime.tolerances import DEFAULT_TOLERANCES, bundle_tolerances
 
 
 def parse_backend_spec(spec: str) -> tuple[str, dict]:
@@ -54,7 +54,7 @@ def compare_backends(bundle: str | Path, image: np.ndarray, specs: list[str]) ->
     if bucket_a != bucket_b:
         raise MordasrError(f"the backends routed the image to different buckets ({bucket_a} vs {bucket_b}): "
                            "their router outputs differ; compare the router graph first")
-    tolerances = {key: graph_tolerances(Path(bundle), graph) for key, graph in graphs.items()}
+    tolerances = bundle_tolerances(Path(bundle), list(graphs.values()))
     decoder = next((k for k in tolerances if k.startswith("decoder")), None)
     tolerances["image"] = tolerances[decoder] if decoder else DEFAULT_TOLERANCES["fp32"]
     verdicts = polygraphy_verdicts(first, second, tolerances)

@@ -16,14 +16,19 @@ from mordasr.runtime.manifest import GraphSpec
 DEFAULT_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
 
 
-def graph_tolerances(bundle_dir: Path, graph: GraphSpec) -> tuple[float, float]:
-    atol, rtol = DEFAULT_TOLERANCES.get(graph.precision, DEFAULT_TOLERANCES["fp32"])
+def bundle_tolerances(bundle_dir: Path, graphs: list[GraphSpec]) -> dict[str, tuple[float, float]]:
+    """(atol, rtol) per graph key, the bundle's accuracy report read once."""
     report = Path(bundle_dir) / "accuracy.json"
-    if report.is_file() and graph.precision != "fp32":
-        # The report measures the bundle's graphs against FP32 on calibration images; an engine
-        # may add its own rounding on top, so allow twice that before calling it a mismatch.
+    errors = []
+    if report.is_file():
         errors = [r.get("max_abs_error") for r in json.loads(report.read_text()).get("rows", [])]
         errors = [e for e in errors if isinstance(e, (int, float))]
-        if errors:
+    tolerances = {}
+    for graph in graphs:
+        atol, rtol = DEFAULT_TOLERANCES.get(graph.precision, DEFAULT_TOLERANCES["fp32"])
+        if errors and graph.precision != "fp32":
+            # The report measures the bundle's graphs against FP32 on calibration images; an engine
+            # may add its own rounding on top, so allow twice that before calling it a mismatch.
             atol = max(atol, 2 * max(errors))
-    return atol, rtol
+        tolerances[graph.key] = (atol, rtol)
+    return tolerances

@@ -20,6 +20,7 @@ B a 1x1 convolution (or linear), so the tensors copy over unchanged.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,6 @@ def _copy(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
 def _check_scheduler(sd_dir: Path) -> None:
     """The exported x0 step is ``(z - sqrt(1 - a) eps) / sqrt(a)`` with SD 2.1-base's betas: a base
     whose scheduler predicts v (SD 2.1-768) or uses other betas would be exported wrong."""
-    import json
-
     from mordasr.model.config import preset_config
 
     file = sd_dir / "scheduler" / "scheduler_config.json"

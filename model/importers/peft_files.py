@@ -78,9 +78,7 @@ def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _split(key: str) -> tuple[str, str]:
     """(component, module name inside it) of a tensor key, prefixes removed."""
-    for prefix in ("base_model.model.",):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
+    key = key.removeprefix("base_model.model.")  # peft's PeftModel wrapper
     head = key.split(".", 1)[0]
     if head in ("unet", "vae"):
         return head, key.split(".", 1)[1]
@@ -124,13 +122,13 @@ def _add_file(lora: ImportedLoRA, file: Path) -> None:
         if config.get("use_dora"):
             raise CheckpointError(f"{file}: a DoRA adapter (use_dora); only plain LoRA folds into the base weights")
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    alphas: dict[tuple[str, str], float] = {}
+    alphas: dict[str, dict[str, float]] = {}  # component -> module -> alpha (kohya-style .alpha tensors)
     for key, tensor in tensors.items():
         if key.startswith(("lora_unet_", "lora_te")):
             raise CheckpointError(f"{file}: {key} is a kohya-style key; convert the file to diffusers' format first")
         if key.endswith(".alpha"):
             component, module = _split(key[: -len(".alpha")])
-            alphas[(component, module)] = float(tensor.item())
+            alphas.setdefault(component, {})[module] = float(tensor.item())
             continue
         if "lora_magnitude_vector" in key:
             raise CheckpointError(f"{file}: {key} is a DoRA tensor; only plain LoRA folds into the base weights")
@@ -158,9 +156,7 @@ def _add_file(lora: ImportedLoRA, file: Path) -> None:
         target = lora.unet if component == "unet" else lora.vae
         if module in target:
             raise CheckpointError(f"{file}: {component}.{module} also comes from another file")
-        target[module] = LoRAWeights(pair["A"], pair["B"], _alpha(config, module, rank,
-                                                                   {m: a for (c, m), a in alphas.items()
-                                                                    if c == component}))
+        target[module] = LoRAWeights(pair["A"], pair["B"], _alpha(config, module, rank, alphas.get(component, {})))
 
 
 def read_peft(paths: list[str | Path]) -> ImportedLoRA:

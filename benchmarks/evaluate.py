@@ -229,35 +229,10 @@ def autoencoder_psnr(checkpoint: Path, images: list[tuple[str, np.ndarray]]) -> 
 
 def router_correlations(checkpoint: Path, images: list[tuple[str, np.ndarray]], crops_per_image: int = 8,
                         crop: int = 256, seed: int = 0) -> dict:
-    """Pearson correlation of the estimator's blur, noise and compression scores with the true
-    blur sigma, noise sigma and (100 - JPEG quality) of seeded synthetic degradations of HR crops.
-    Each factor is drawn independently (present or absent, then a strength), as in training."""
-    import torch
-
+    """The checkpoint's estimator scored against seeded synthetic degradations of HR crops
+    (``mordasr.training.synthetic.estimator_correlations``)."""
     from mordasr.model.io import load_checkpoint
-    from mordasr.training.synthetic import degrade, random_degradation
+    from mordasr.training.synthetic import estimator_correlations
 
     model, _ = load_checkpoint(checkpoint, add_adapters=False)
-    names = [p[0] for p in model.config.prompts]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _, hr in images:
-        h, w = hr.shape[:2]
-        if min(h, w) < crop:
-            continue
-        for _ in range(crops_per_image):
-            y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-            deg = random_degradation(rng)
-            lr = degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng)
-            with torch.no_grad():
-                scores = model.estimate(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy()
-            rows.append((deg.blur_sigma, deg.noise_sigma * 255,
-                         0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality, scores))
-    truth = np.array([r[:3] for r in rows])
-    scores = np.stack([r[3] for r in rows])
-    pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
-    result = {"samples": len(rows), "crop": crop}
-    for dim, (label, column) in pairs.items():
-        r = np.corrcoef(scores[:, names.index(dim)], truth[:, column])[0, 1]
-        result[dim] = {"vs": label, "pearson": float(r)}
-    return result
+    return estimator_correlations(model, [hr for _, hr in images], crops_per_image, crop, seed)

@@ -112,6 +112,9 @@ def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     assert meta["stages_done"] == ["vae", "sr", "estimator"]
     work = tmp_path / ".base.work"
     assert (work / "curves-vae.csv").is_file() and (work / "curves-sr.csv").is_file()
+    # the estimator's curve tracks its correlation with the true strengths on held-out crops
+    header = (work / "curves-estimator.csv").read_text().splitlines()[0]
+    assert header == "step,loss,r_blur,r_noise,r_compression"
     assert not list((work / ".resume").glob("*.pt"))  # finished stages leave no resume state
     again = CliRunner().invoke(train_main, args)  # a finished run run again trains nothing more
     assert again.exit_code == 0 and len((work / "curves-sr.csv").read_text().splitlines()) == 3

@@ -37,7 +37,7 @@ from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
 from mordasr.training.common import nchw, psnr, seed_everything
 from mordasr.training.data import CropSampler, sample_images, training_images
-from mordasr.training.synthetic import Degradation, degraded_batch, mixed_degraded_batch
+from mordasr.training.synthetic import Degradation, degraded_batch, estimator_correlations, mixed_degraded_batch
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +233,20 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
     images = training_images(cfg.data, size // 2, cfg.seed).images
     samplers = [CropSampler(images, c, cfg.seed + c) for c in (size // 2, size * 3 // 4, size)]
 
+    monitor = sample_images("heldout")
+
     def loss(step: int) -> torch.Tensor:
         hr = samplers[step % len(samplers)].sample(cfg.batch * 4)
         lr_images, _, targets = degraded_batch(hr, model.config.scale, rng)
         scores = model.estimate(nchw(lr_images))
         return F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets))
 
+    def evaluate() -> dict[str, float]:
+        found = estimator_correlations(model, monitor, crops_per_image=32, crop=size)
+        return {f"r_{dim}": found[dim]["pearson"] for dim in ("blur", "noise", "compression")}
+
     return _fit(model.estimator, loss, cfg.estimator_steps, cfg.lr, "estimator", cfg, out,
-                [rng] + [s.rng for s in samplers], quiet, weight_decay=0.01)
+                [rng] + [s.rng for s in samplers], quiet, evaluate, weight_decay=0.01)
 
 
 def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,

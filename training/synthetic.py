@@ -83,6 +83,41 @@ def degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
     return lr, degradations, targets
 
 
+def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int = 8, crop: int = 256,
+                           seed: int = 0) -> dict:
+    """Pearson correlation of ``model.estimate``'s blur, noise and compression scores with the true
+    blur sigma, noise sigma and (100 - JPEG quality) of seeded synthetic degradations of HR crops
+    (each factor drawn independently, present or absent, then a strength, as in training).
+    ``model`` is a OneStepSR; images smaller than ``crop`` are skipped."""
+    import torch
+
+    names = [p[0] for p in model.config.prompts]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for hr in images:
+        h, w = hr.shape[:2]
+        if min(h, w) < crop:
+            continue
+        for _ in range(crops_per_image):
+            y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+            deg = random_degradation(rng)
+            lr = degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng)
+            with torch.no_grad():
+                scores = model.estimate(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy()
+            rows.append((deg.blur_sigma, deg.noise_sigma * 255,
+                         0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality, scores))
+    if len(rows) < 2:
+        raise ValueError(f"estimator_correlations: no image is at least {crop} px on its short side")
+    truth = np.array([r[:3] for r in rows])
+    scores = np.stack([r[3] for r in rows])
+    pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
+    result: dict = {"samples": len(rows), "crop": crop}
+    for dim, (label, column) in pairs.items():
+        r = np.corrcoef(scores[:, names.index(dim)], truth[:, column])[0, 1]
+        result[dim] = {"vs": label, "pearson": float(r)}
+    return result
+
+
 # The adapters' training mix: clean bicubic (the standard benchmark), the synthetic chain above
 # with random strengths, and Real-ESRGAN's second-order chain; one kind drawn per image. (The base's
 # sr stage draws from its own, lighter mix: BaseTrainingConfig.sr_mix.)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mordasr.runtime.routing import router_windows
+
 # open_clip's normalisation constants (OPENAI_DATASET_MEAN / STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,9 +51,19 @@ class DegradationEstimator(nn.Module):
 
     @staticmethod
     def view(image: torch.Tensor, size: int) -> torch.Tensor:
-        """Resize low-resolution images (N, 3, h, w) to the router's square input."""
-        return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False,
-                             antialias=True).clamp(0, 1)
+        """The router's views (N, K, 3, size, size) of low-resolution images (N, 3, h, w): K
+        native-resolution windows, or the image resized (K = 1) when it is smaller than ``size``
+        (``mordasr.runtime.routing.router_windows``; their scores are averaged)."""
+        windows = router_windows(image.shape[-2], image.shape[-1], size)
+        if windows is None:
+            resized = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            return resized.clamp(0, 1)[:, None]
+        return torch.stack([image[..., y:y + size, x:x + size] for y, x in windows], dim=1)
+
+    def score_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Scores (N, D) of views (N, K, 3, S, S): the mean over each image's K views."""
+        n, k = views.shape[:2]
+        return self(views.flatten(0, 1)).unflatten(0, (n, k)).mean(dim=1)
 
 
 class ConvDegradationTower(nn.Module):

@@ -79,7 +79,7 @@ class OneStepSR(nn.Module):
     # -- components ------------------------------------------------------------------------
     def estimate(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Degradation scores (N, D) for low-resolution images in [0, 1]."""
-        return self.estimator(DegradationEstimator.view(x_lr, self.config.router_image_size))
+        return self.estimator.score_views(DegradationEstimator.view(x_lr, self.config.router_image_size))
 
     def encode(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Latent mean (scaled) of the bicubic-upsampled low-resolution images in [0, 1]."""

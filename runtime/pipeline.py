@@ -22,7 +22,7 @@ from mordasr.errors import ImageError, MordasrError
 from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
-from mordasr.runtime.routing import nearest_bucket
+from mordasr.runtime.routing import nearest_bucket, router_windows
 from mordasr.runtime.tiling import Tiling, tiled_apply
 
 log = logging.getLogger("mordasr.runtime")
@@ -181,8 +181,18 @@ class Restorer:
     def scores_batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Degradation scores (N, D) of several images in one router call."""
         size = self.manifest.router_image_size
-        views = np.stack([resize(image, size, size).clip(0, 1).transpose(2, 0, 1) for image in images])
-        return self._run("router", None, image=np.ascontiguousarray(views, dtype=np.float32))
+        views, owners = [], []
+        for i, image in enumerate(images):
+            windows = router_windows(image.shape[0], image.shape[1], size)
+            if windows is None:
+                views.append(resize(image, size, size).clip(0, 1))
+            else:
+                views.extend(image[y:y + size, x:x + size] for y, x in windows)
+            owners.extend([i] * (1 if windows is None else len(windows)))
+        batch = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2), dtype=np.float32)
+        scores = self._run("router", None, image=batch)
+        index = np.asarray(owners)
+        return np.stack([scores[index == i].mean(axis=0) for i in range(len(images))])
 
     def _pad(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""

@@ -10,11 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mordasr.errors import BundleError, ImageError
 from mordasr.runtime import Restorer, load_manifest
 from mordasr.runtime.images import resize
-from mordasr.runtime.routing import nearest_bucket
+from mordasr.runtime.routing import nearest_bucket, router_windows
 from mordasr.runtime.tiling import Tiling
 
 
@@ -60,6 +62,32 @@ def test_restore_rejects_wrong_layout(folded_bundle):
 def test_nearest_bucket():
     centres = np.array([[0.0, 0.0], [1.0, 1.0]])
     assert nearest_bucket(np.array([[0.2, 0.1], [0.9, 0.6]]), centres).tolist() == [0, 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(height=st.integers(1, 600), width=st.integers(1, 600), size=st.sampled_from([16, 63, 64, 224]))
+def test_router_windows_lie_inside_the_image_without_overlap(height, width, size):
+    windows = router_windows(height, width, size)
+    if min(height, width) < size:
+        assert windows is None
+        return
+    for y, x in windows:
+        assert 0 <= y <= height - size and 0 <= x <= width - size
+    for length, starts in ((height, sorted({y for y, _ in windows})), (width, sorted({x for _, x in windows}))):
+        assert len(starts) == (2 if length >= 2 * size else 1)  # two windows where the axis holds two
+        assert len(starts) == 1 or starts[1] - starts[0] >= size
+    assert len(windows) == len({y for y, _ in windows}) * len({x for _, x in windows})
+
+
+@pytest.mark.parametrize("shape", [(64, 90), (130, 140), (70, 200)])
+def test_router_scores_native_windows_like_pytorch(shape, tiny_model, folded_bundle, rng):
+    """An image at least the router's size on both sides is scored through native-resolution
+    windows whose scores are averaged, the same way in the runtime and in PyTorch."""
+    image = rng.uniform(0, 1, shape + (3,)).astype(np.float32)
+    got = Restorer(folded_bundle).scores(image)
+    with torch.no_grad():
+        expected = tiny_model.estimate(torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))[0].numpy()
+    assert np.abs(got - expected).max() < 1e-5
 
 
 def _copy(bundle, tmp_path):

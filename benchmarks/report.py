@@ -110,6 +110,16 @@ def quality_table(quality: dict) -> list[str]:
     return lines
 
 
+def _provenance(config: dict) -> str:
+    """Where each adapter came from: trained by this run, or a given checkpoint, and its steps."""
+    parts = []
+    for kind, p in config.get("adapters", {}).items():
+        origin = f"from {p['checkpoint']}" if p["checkpoint"] else "trained by this run"
+        steps = "random weights" if p["random_weights"] else f"{p['steps']} steps"
+        parts.append(f"{kind} {steps}, {origin}")
+    return "; ".join(parts) or "none"
+
+
 def markdown(results: dict, plots: list[str]) -> str:
     m = results["machine"]
     lines = [f"# mordasr benchmark: {results['preset']} preset", "",
@@ -119,8 +129,7 @@ def markdown(results: dict, plots: list[str]) -> str:
              f"Backend: {results['backend']}. "
              f"Image: {results['config']['lr_size']} px LR, x{results['config']['scale']}. "
              f"{results['config']['iterations']} timed runs after {results['config']['warmup']} warm-up runs. "
-             f"Total adapter rank {results['config']['total_rank']}; adapters trained "
-             f"{results['config']['train_steps']} steps each.",
+             f"Total adapter rank {results['config']['total_rank']}; adapters: {_provenance(results['config'])}.",
              ""]
     if results.get("random_weights"):
         lines += ["**Random weights** (sd21 without local weights): latency and memory are real, "

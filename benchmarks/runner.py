@@ -69,7 +69,7 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
     from mordasr.model.io import load_checkpoint, tiny_base_path
     from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
-    models = {}
+    models, provenance = {}, {}
     wanted = {VARIANTS[v][0] for v in cfg.variants}
     given_checkpoints = (("mor", cfg.mor_checkpoint), ("lora", cfg.lora_checkpoint),
                          ("adaptir", cfg.adaptir_checkpoint))
@@ -77,22 +77,29 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
         if kind not in wanted:
             continue
         if given:
-            model, _ = load_checkpoint(given, add_adapters=False)
+            model, meta = load_checkpoint(given, add_adapters=False)
             if model.config.adapter.kind != kind:
                 raise MordasrError(f"{given} holds {model.config.adapter.kind} adapters, expected {kind}")
+            provenance[kind] = {"checkpoint": str(given), "steps": meta.get("training", {}).get("steps"),
+                                "random_weights": bool(meta.get("random_weights"))}
         elif cfg.preset == "sd21":
             from mordasr.model.sd21 import build_sd21
 
             model = build_sd21(random_weights=True, adapter=kind)
+            provenance[kind] = {"checkpoint": None, "steps": 0, "random_weights": True}
         else:
             progress(f"training {kind} adapters ({cfg.train_steps} steps)")
             model, _ = load_checkpoint(tiny_base_path(), adapter=kind)
             train_adapters(model, AdapterTrainingConfig(steps=cfg.train_steps, seed=cfg.seed), quiet=True)
+            provenance[kind] = {"checkpoint": None, "steps": cfg.train_steps, "random_weights": False}
         models[kind] = model.eval()
     ranks = {k: m.config.adapter.rank for k, m in models.items() if k != "adaptir"}
     if len(set(ranks.values())) > 1:
         cfg.notes.append(f"total ranks differ: {ranks}")
-    return models
+    steps = {k: p["steps"] for k, p in provenance.items()}
+    if len(set(steps.values())) > 1:
+        cfg.notes.append(f"adapter training steps differ: {steps}")
+    return models, provenance
 
 
 def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -206,7 +213,7 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
     from mordasr.runtime import Restorer, load_manifest
 
     cfg.validate()
-    models = _models(cfg, progress)
+    models, provenance = _models(cfg, progress)
     scale = next(iter(models.values())).config.scale
     pairs = _eval_set(cfg, scale)
     timed_lr = pairs[0][0]
@@ -214,10 +221,11 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
     results: dict = {"preset": cfg.preset, "machine": describe_machine(), "backend": cfg.backend,
                      "config": {"buckets": cfg.buckets, "iterations": cfg.iterations, "warmup": cfg.warmup,
                                 "lr_size": cfg.lr_size, "scale": scale, "eval_images": len(pairs),
-                                "train_steps": cfg.train_steps if cfg.preset == "tiny" else 0,
+                                "adapters": provenance,
                                 "total_rank": next((m.config.adapter.rank for k, m in models.items()
                                                     if k != "adaptir"), 0)},
-                     "random_weights": cfg.preset == "sd21", "variants": [], "notes": cfg.notes}
+                     "random_weights": any(p["random_weights"] for p in provenance.values()),
+                     "variants": [], "notes": cfg.notes}
     unet_calls: dict[tuple[str, str], Callable[[], object]] = {}
     for name in cfg.variants:
         kind, mode = VARIANTS[name]

@@ -65,6 +65,20 @@ def test_report_files_and_structure(report):
     assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
         "folded UNet latency / merged dense-LoRA UNet latency", "gated UNet latency / folded UNet latency"}
     assert results["machine"]["cores"] >= 1 and results["machine"]["onnxruntime"]
+    assert results["config"]["adapters"]["mor"] == {"checkpoint": None, "steps": 2, "random_weights": False}
+    assert "mor 2 steps, trained by this run" in (report / "report.md").read_text()
+
+
+def test_given_checkpoints_are_reported_with_their_own_steps(tmp_path, tiny_model):
+    """A run on given checkpoints reports their origin and training steps, not --train-steps."""
+    from mordasr.benchmarks.runner import _models
+    from mordasr.model.io import save_checkpoint
+
+    path = save_checkpoint(tiny_model, tmp_path / "mor", {"training": {"steps": 7}, "random_weights": False})
+    cfg = BenchConfig(variants=("mor-folded",), mor_checkpoint=path, train_steps=150)
+    models, provenance = _models(cfg, lambda _: None)
+    assert set(models) == {"mor"}
+    assert provenance == {"mor": {"checkpoint": str(path), "steps": 7, "random_weights": False}}
 
 
 def test_every_number_is_measured(report):

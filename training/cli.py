@@ -197,7 +197,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
 
     Stages finished are kept in OUT; an unfinished stage resumes from its last resume state
     (OUT/../.OUT.work/.resume/, every --checkpoint-every steps), and the curves of every stage are
-    appended to .OUT.work/curves-<stage>.csv. The defaults take about 75 minutes on 2 CPU cores.
+    appended to .OUT.work/curves-<stage>.csv. The defaults take about 90 minutes on 2 CPU cores.
     """
     from mordasr.training.base_trainer import train_base
 

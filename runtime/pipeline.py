@@ -43,6 +43,14 @@ class RestoreResult:
 Tap = Callable[[GraphSpec, dict, np.ndarray], None]
 
 
+def _router_views(image: np.ndarray, size: int) -> np.ndarray:
+    """(K, size, size, 3): the native-resolution windows the router scores, or the image resized."""
+    windows = router_windows(image.shape[0], image.shape[1], size)
+    if windows is None:
+        return resize(image, size, size).clip(0, 1)[None]
+    return np.stack([image[y:y + size, x:x + size] for y, x in windows])
+
+
 class Restorer:
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", tap: Tap | None = None,
                  verify_hashes: bool = True, **backend_options) -> None:
@@ -180,19 +188,11 @@ class Restorer:
 
     def scores_batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Degradation scores (N, D) of several images in one router call."""
-        size = self.manifest.router_image_size
-        views, owners = [], []
-        for i, image in enumerate(images):
-            windows = router_windows(image.shape[0], image.shape[1], size)
-            if windows is None:
-                views.append(resize(image, size, size).clip(0, 1))
-            else:
-                views.extend(image[y:y + size, x:x + size] for y, x in windows)
-            owners.extend([i] * (1 if windows is None else len(windows)))
-        batch = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2), dtype=np.float32)
+        views = [_router_views(image, self.manifest.router_image_size) for image in images]
+        batch = np.ascontiguousarray(np.concatenate(views).transpose(0, 3, 1, 2), dtype=np.float32)
         scores = self._run("router", None, image=batch)
-        index = np.asarray(owners)
-        return np.stack([scores[index == i].mean(axis=0) for i in range(len(images))])
+        per_image = np.split(scores, np.cumsum([len(v) for v in views])[:-1])
+        return np.stack([part.mean(axis=0) for part in per_image])
 
     def _pad(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""

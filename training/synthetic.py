@@ -93,7 +93,7 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
 
     names = [p[0] for p in model.config.prompts]
     rng = np.random.default_rng(seed)
-    rows = []
+    strengths, lr_crops = [], []
     for hr in images:
         h, w = hr.shape[:2]
         if min(h, w) < crop:
@@ -101,17 +101,16 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
         for _ in range(crops_per_image):
             y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
             deg = random_degradation(rng)
-            lr = degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng)
-            with torch.no_grad():
-                scores = model.estimate(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy()
-            rows.append((deg.blur_sigma, deg.noise_sigma * 255,
-                         0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality, scores))
-    if len(rows) < 2:
+            lr_crops.append(degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng))
+            strengths.append((deg.blur_sigma, deg.noise_sigma * 255,
+                              0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality))
+    if len(strengths) < 2:
         raise ValueError(f"estimator_correlations: no image is at least {crop} px on its short side")
-    truth = np.array([r[:3] for r in rows])
-    scores = np.stack([r[3] for r in rows])
+    with torch.no_grad():  # every crop has the same size: one batch
+        scores = model.estimate(torch.from_numpy(np.stack(lr_crops).transpose(0, 3, 1, 2).copy())).numpy()
+    truth = np.array(strengths)
     pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
-    result: dict = {"samples": len(rows), "crop": crop}
+    result: dict = {"samples": len(truth), "crop": crop}
     for dim, (label, column) in pairs.items():
         r = np.corrcoef(scores[:, names.index(dim)], truth[:, column])[0, 1]
         result[dim] = {"vs": label, "pearson": float(r)}

@@ -13,7 +13,10 @@ from click.testing import CliRunner
 from mordasr.model.io import load_checkpoint, tiny_base_path
 from mordasr.tests.conftest import make_tiny_model
 from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
+from mordasr.training.base_config import BaseTrainingConfig
+from mordasr.training.base_trainer import train_base
 from mordasr.training.cli import main as train_main
+from mordasr.training.common import model_device, resolve_device
 from mordasr.training.data import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
 from mordasr.training.synthetic import Degradation, degrade, degraded_batch, target_scores
 
@@ -118,3 +121,22 @@ def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     assert not list((work / ".resume").glob("*.pt"))  # finished stages leave no resume state
     again = CliRunner().invoke(train_main, args)  # a finished run run again trains nothing more
     assert again.exit_code == 0 and len((work / "curves-sr.csv").read_text().splitlines()) == 3
+    assert {h["device"] for h in meta["history"]} == {"cpu"}  # auto: no GPU seen here
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where PyTorch sees no GPU")
+def test_train_cli_base_cuda_without_gpu_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--device", "cuda", "-q"])
+    assert result.exit_code == 2 and "sees no CUDA GPU" in result.stderr and "--device cpu" in result.stderr
+    assert not (tmp_path / "b").exists()
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to PyTorch")
+def test_train_base_on_cuda_writes_a_cpu_checkpoint(tmp_path):
+    out = tmp_path / "base"
+    cfg = BaseTrainingConfig(vae_steps=2, sr_steps=2, estimator_steps=1, batch=2, crop=32, checkpoint_every=1)
+    train_base(out, cfg, quiet=True, device="cuda")
+    model, meta = load_checkpoint(out, add_adapters=False)
+    assert meta["history"][-1]["device"] == "cuda" and model_device(model).type == "cpu"
+    assert all(torch.isfinite(p).all() for p in model.parameters())

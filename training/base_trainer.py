@@ -35,7 +35,7 @@ from tqdm import tqdm
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
-from mordasr.training.common import nchw, psnr, seed_everything
+from mordasr.training.common import model_device, nchw, psnr, resolve_device, seed_everything
 from mordasr.training.data import CropSampler, sample_images, training_images
 from mordasr.training.synthetic import Degradation, degraded_batch, estimator_correlations, mixed_degraded_batch
 
@@ -166,16 +166,18 @@ def _monitor_set(model: OneStepSR, seed: int = 1234) -> tuple[torch.Tensor, torc
     hr = CropSampler(sample_images("heldout"), 128, seed).sample(8)
     degradations = [Degradation()] * 4 + [Degradation(1.2, 5 / 255, 70)] * 4
     lr, _, _ = degraded_batch(hr, model.config.scale, rng, degradations)
-    return nchw(lr), nchw(hr)
+    device = model_device(model)
+    return nchw(lr, device), nchw(hr, device)
 
 
 def train_vae(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool = False) -> float:
     """L1 reconstruction of HR crops through the latent mean, with a small latent penalty."""
     sampler = training_images(cfg.data, cfg.crop, cfg.seed)
     _, mon_hr = _monitor_set(model)
+    device = model_device(model)
 
     def loss(_step: int) -> torch.Tensor:
-        x = nchw(sampler.sample(cfg.batch)) * 2 - 1
+        x = nchw(sampler.sample(cfg.batch), device) * 2 - 1
         z = _latent(model, x)
         return (model.vae.decode(z).sample - x).abs().mean() + 1e-4 * z.pow(2).mean()
 
@@ -195,11 +197,12 @@ def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool =
     trained = torch.nn.ModuleDict({"vae": model.vae, "unet": model.unet})
     n_recon = max(1, cfg.batch // 4)
     mix = cfg.degradation_mix()
+    device = model_device(model)
 
     def loss(_step: int) -> torch.Tensor:
         hr = sampler.sample(cfg.batch)
         lr = mixed_degraded_batch(hr, model.config.scale, rng, mix)
-        lr_t, hr_t = nchw(lr), nchw(hr)
+        lr_t, hr_t = nchw(lr, device), nchw(hr, device)
         z_l = model.encode(lr_t)
         z_h = model.schedule.x0(z_l, model.denoise(z_l))
         restored = (model.vae.decode(z_h / model.config.latent_scale).sample + 1) / 2
@@ -212,7 +215,7 @@ def train_sr(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet: bool =
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        out_images = model(mon_lr, torch.zeros(len(mon_lr), model.config.num_degradations))
+        out_images = model(mon_lr, torch.zeros(len(mon_lr), model.config.num_degradations, device=device))
         bicubic = F.interpolate(mon_lr, size=mon_hr.shape[-2:], mode="bicubic", align_corners=False)
         return {"psnr_clean": psnr(out_images[:4], mon_hr[:4]), "psnr_clean_bicubic": psnr(bicubic[:4], mon_hr[:4]),
                 "psnr_mixed": psnr(out_images[4:], mon_hr[4:]), "psnr_mixed_bicubic": psnr(bicubic[4:], mon_hr[4:])}
@@ -234,12 +237,13 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
     samplers = [CropSampler(images, c, cfg.seed + c) for c in (size // 2, size * 3 // 4, size)]
 
     monitor = sample_images("heldout")
+    device = model_device(model)
 
     def loss(step: int) -> torch.Tensor:
         hr = samplers[step % len(samplers)].sample(cfg.batch * 4)
         lr_images, _, targets = degraded_batch(hr, model.config.scale, rng)
-        scores = model.estimate(nchw(lr_images))
-        return F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets))
+        scores = model.estimate(nchw(lr_images, device))
+        return F.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), torch.from_numpy(targets).to(device))
 
     def evaluate() -> dict[str, float]:
         found = estimator_correlations(model, monitor, crops_per_image=32, crop=size)
@@ -250,16 +254,19 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
 
 
 def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
-               stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None) -> Path:
+               stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None,
+               device: str = "cpu") -> Path:
     """Train the given stages in order and write the base checkpoint after each one.
 
     ``start_from`` continues from an existing base checkpoint (to retrain some stages only);
     otherwise training starts from random weights. An interrupted stage resumes from its last
-    resume state when the same command runs again.
+    resume state when the same command runs again, on any ``device`` (``auto``, ``cpu``,
+    ``cuda[:N]``): a resume state written on one device resumes on another.
     """
     from mordasr.model.io import load_checkpoint
 
     cfg.validate()
+    target = resolve_device(device)
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
@@ -275,6 +282,7 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
     else:
         model, losses, done, history = OneStepSR(preset_config("tiny"), with_adapters=False), {}, [], []
         identity_start(model.unet)
+    model.to(target)
     trainers = {"vae": ("vae_l1", train_vae), "sr": ("sr_l1", train_sr),
                 "estimator": ("estimator_bce", train_estimator)}
     for stage in STAGES:
@@ -284,7 +292,7 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
         losses[key] = trainer(model, cfg, work, quiet)
         log.info("stage %s finished: %s = %.5f", stage, key, losses[key])
         done = [s for s in STAGES if s in done or s == stage]
-        history.append({"stage": stage, **vars(cfg), "final_loss": losses[key]})
+        history.append({"stage": stage, **vars(cfg), "device": target.type, "final_loss": losses[key]})
         meta = {"kind": "base", "random_weights": False, "training": vars(cfg), "final_losses": losses,
                 "stages_done": done, "history": history}
         save_checkpoint(model, path, meta)

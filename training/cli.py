@@ -185,15 +185,18 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BASE_DEFAULTS.checkpoint_every,
               show_default=True, help="Steps between resume states (and rows of the curves).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where to train: auto takes the GPU when PyTorch sees one. A run resumes on any device.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
          crop: int, lr: float, sr_mix: str, stages: str, start_from: Path | None, checkpoint_every: int, seed: int,
-         quiet: bool) -> None:
+         device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
     \b
     mordasr-train base -o runs/base --data train-hr/                    # the shipped base (see README)
     mordasr-train base -o runs/base --data DIR                          # killed? run it again: it resumes
+    mordasr-train base -o runs/base --data DIR --crop 128 --batch 32    # on a GPU (--device auto finds it)
 
     Stages finished are kept in OUT; an unfinished stage resumes from its last resume state
     (OUT/../.OUT.work/.resume/, every --checkpoint-every steps), and the curves of every stage are
@@ -206,7 +209,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                          start_from=start_from)
+                          start_from=start_from, device=device)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     click.echo(f"wrote {path}")

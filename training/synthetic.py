@@ -91,6 +91,8 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
     ``model`` is a OneStepSR; images smaller than ``crop`` are skipped."""
     import torch
 
+    from mordasr.training.common import model_device, nchw
+
     names = [p[0] for p in model.config.prompts]
     rng = np.random.default_rng(seed)
     strengths, lr_crops = [], []
@@ -107,7 +109,7 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
     if len(strengths) < 2:
         raise ValueError(f"estimator_correlations: no image is at least {crop} px on its short side")
     with torch.no_grad():  # every crop has the same size: one batch
-        scores = model.estimate(torch.from_numpy(np.stack(lr_crops).transpose(0, 3, 1, 2).copy())).numpy()
+        scores = model.estimate(nchw(np.stack(lr_crops), model_device(model))).cpu().numpy()
     truth = np.array(strengths)
     pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
     result: dict = {"samples": len(truth), "crop": crop}

@@ -133,10 +133,18 @@ def test_train_cli_base_cuda_without_gpu_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to PyTorch")
-def test_train_base_on_cuda_writes_a_cpu_checkpoint(tmp_path):
+def test_train_base_on_cuda_resumes_a_cpu_state_and_writes_a_cpu_checkpoint(tmp_path, monkeypatch):
+    from mordasr.training import base_trainer
+
     out = tmp_path / "base"
     cfg = BaseTrainingConfig(vae_steps=2, sr_steps=2, estimator_steps=1, batch=2, crop=32, checkpoint_every=1)
-    train_base(out, cfg, quiet=True, device="cuda")
+    monkeypatch.setattr(base_trainer._Resumable, "clear", lambda self: None)  # keep the CPU run's states
+    train_base(out, cfg, quiet=True, stages=("vae",), device="cpu")
+    monkeypatch.undo()
+    cfg.vae_steps = 3  # one more step, on the GPU, from the CPU's resume state at step 2
+    train_base(out, cfg, quiet=True, stages=("vae",), start_from=out, device="cuda")
+    steps = [row.split(",")[0] for row in (tmp_path / ".base.work" / "curves-vae.csv").read_text().splitlines()]
+    assert steps == ["step", "1", "2", "3"]
     model, meta = load_checkpoint(out, add_adapters=False)
     assert meta["history"][-1]["device"] == "cuda" and model_device(model).type == "cpu"
     assert all(torch.isfinite(p).all() for p in model.parameters())

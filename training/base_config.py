@@ -31,6 +31,8 @@ class BaseTrainingConfig:
         if self.crop % 16:
             raise ValueError("crop must be a multiple of 16 (scale x the latent grid's multiple)")
         self.degradation_mix()
+        if self.recon_weight < 0 or self.latent_weight < 0:
+            raise ValueError("recon_weight and latent_weight must be >= 0")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
 

@@ -177,6 +177,13 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
               help="AdamW peak learning rate (warmup, then cosine to 0); the sr stage uses half.")
 @click.option("--sr-mix", default=_BASE_DEFAULTS.sr_mix, show_default=True,
               help="Stage sr: share of clean bicubic, synthetic (blur/noise/JPEG) and Real-ESRGAN inputs.")
+@click.option("--recon-weight", type=click.FloatRange(min=0), default=_BASE_DEFAULTS.recon_weight, show_default=True,
+              help="Stage sr: weight of the HR reconstruction term (L1 of Dec(Enc(HR)) against HR) that keeps "
+                   "the autoencoder an autoencoder while the decoder learns to restore.")
+@click.option("--latent-weight", type=click.FloatRange(min=0), default=_BASE_DEFAULTS.latent_weight,
+              show_default=True,
+              help="Stage sr: weight of the latent term |z_restored - Enc(HR)|^2 that aims the x0 step at the HR "
+                   "latent; lower lets the pixel L1 alone decide late in training.")
 @click.option("--stages", default=",".join(("vae", "sr", "estimator")), show_default=True,
               help="Comma-separated stages to train (run in the order vae, sr, estimator).")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
@@ -189,8 +196,8 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
               help="Where to train: auto takes the GPU when PyTorch sees one. A run resumes on any device.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
-         crop: int, lr: float, sr_mix: str, stages: str, start_from: Path | None, checkpoint_every: int, seed: int,
-         device: str, quiet: bool) -> None:
+         crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, stages: str,
+         start_from: Path | None, checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
     \b
@@ -206,6 +213,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
 
     cfg = BaseTrainingConfig(data=str(data) if data else None, vae_steps=vae_steps, sr_steps=sr_steps,
                              estimator_steps=estimator_steps, batch=batch, crop=crop, lr=lr, sr_mix=sr_mix,
+                             recon_weight=recon_weight, latent_weight=latent_weight,
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),

@@ -25,7 +25,7 @@ from mordasr.benchmarks.recipes import RECIPES, mod_crop
 
 # Margins this test holds the shipped base to, in dB of Y-PSNR over bicubic on the held-out crop
 # (measured for the shipped base: +1.23, +0.48 and +1.00 dB; Y-SSIM +0.042, +0.025, +0.029; the
-# one it replaced +1.32, +0.57, +0.89, though it is lower on the 24 held-out photographs; the
+# base it replaced, lower on the 24 held-out photographs, measured +1.32, +0.57 and +0.89 here; the
 # base before its sr stage ran on a degradation-heavier mix measured +1.42, +0.62, +0.63 and fails
 # the Real-ESRGAN margin).
 MARGINS = {"bicubic-x4": 1.15, "mixed-x4": 0.45, "realesrgan-x4": 0.75}

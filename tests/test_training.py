@@ -124,14 +124,16 @@ def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     assert {h["device"] for h in meta["history"]} == {"cpu"}  # auto: no GPU seen here
 
 
-def test_train_cli_base_loss_weights_reach_the_sr_stage_and_are_recorded(tmp_path):
+@pytest.mark.parametrize("weights", [(0.0, 0.25), (0.5, 0.0)])  # each term alone: both code paths
+def test_train_cli_base_loss_weights_reach_the_sr_stage_and_are_recorded(tmp_path, weights):
     out = tmp_path / "base"
-    args = ["base", "-o", str(out), "--stages", "sr", "--sr-steps", "1", "--batch", "1", "--crop", "32",
-            "--recon-weight", "0", "--latent-weight", "0.25", "-q"]
+    args = ["base", "-o", str(out), "--stages", "sr", "--sr-steps", "1", "--batch", "2", "--crop", "32",
+            "--recon-weight", str(weights[0]), "--latent-weight", str(weights[1]), "-q"]
     result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 0, result.output
-    _, meta = load_checkpoint(out, add_adapters=False)
-    assert (meta["history"][-1]["recon_weight"], meta["history"][-1]["latent_weight"]) == (0.0, 0.25)
+    model, meta = load_checkpoint(out, add_adapters=False)
+    assert (meta["history"][-1]["recon_weight"], meta["history"][-1]["latent_weight"]) == weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     bad = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--latent-weight", "-0.1", "-q"])
     assert bad.exit_code == 2 and "--latent-weight" in bad.stderr and not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="recon_weight and latent_weight"):

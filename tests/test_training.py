@@ -18,7 +18,7 @@ from mordasr.training.base_trainer import train_base
 from mordasr.training.cli import main as train_main
 from mordasr.training.common import model_device, resolve_device
 from mordasr.training.data import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
-from mordasr.training.synthetic import Degradation, degrade, degraded_batch, target_scores
+from mordasr.training.synthetic import Degradation, degrade, degraded_batch, mixed_degraded_batch, target_scores
 
 
 def test_sample_images_ship_with_the_package_and_splits_are_disjoint():
@@ -59,6 +59,34 @@ def test_target_scores_follow_severity():
     assert target_scores(Degradation(noise_sigma=10 / 255))[2] > target_scores(Degradation(noise_sigma=2 / 255))[2]
     lr, degs, targets = degraded_batch(np.zeros((3, 32, 32, 3), np.float32), 4, np.random.default_rng(0))
     assert lr.shape == (3, 8, 8, 3) and targets.shape == (3, 7) and len(degs) == 3
+
+
+def test_mixed_batch_kinds_draw_the_stated_degradations(monkeypatch):
+    """Clean: none; synthetic: each factor present or not; compound: blur, noise and JPEG in every draw."""
+    import mordasr.training.synthetic as synthetic
+
+    drawn = []
+    real_degrade = synthetic.degrade
+    monkeypatch.setattr(synthetic, "degrade", lambda hr, deg, *a: drawn.append(deg) or real_degrade(hr, deg, *a))
+    hr = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
+
+    def factors(kind):
+        drawn.clear()
+        lr = mixed_degraded_batch(hr, 4, np.random.default_rng(3), ((kind, 1.0),))
+        assert lr.shape == (16, 8, 8, 3) and len(drawn) == 16
+        return np.array([(d.blur_sigma > 0, d.noise_sigma > 0, d.jpeg_quality is not None) for d in drawn])
+
+    assert not factors("clean").any()
+    synthetic_factors = factors("synthetic")
+    assert synthetic_factors.any(axis=0).all() and not synthetic_factors.all(axis=1).all()
+    assert factors("compound").all()
+
+
+def test_sr_mix_parses_every_kind_and_rejects_unknown_ones():
+    mix = BaseTrainingConfig(sr_mix="clean=1,synthetic=1,compound=1,realesrgan=1").degradation_mix()
+    assert mix == tuple((k, 0.25) for k in ("clean", "synthetic", "compound", "realesrgan"))
+    with pytest.raises(ValueError, match="compound"):
+        BaseTrainingConfig(sr_mix="clean=1,heavy=1").degradation_mix()
 
 
 def test_train_adapters_updates_only_adapters(tmp_path):

@@ -38,7 +38,7 @@ class BaseTrainingConfig:
 
     def degradation_mix(self) -> tuple[tuple[str, float], ...]:
         """``sr_mix`` as ((kind, probability), ...), normalised to sum to 1."""
-        kinds = ("clean", "synthetic", "realesrgan")
+        from mordasr.training.synthetic import DEGRADATION_KINDS as kinds
         parts = []
         for item in self.sr_mix.split(","):
             kind, _, share = item.partition("=")

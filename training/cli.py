@@ -176,7 +176,8 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_BASE_DEFAULTS.lr, show_default=True,
               help="AdamW peak learning rate (warmup, then cosine to 0); the sr stage uses half.")
 @click.option("--sr-mix", default=_BASE_DEFAULTS.sr_mix, show_default=True,
-              help="Stage sr: share of clean bicubic, synthetic (blur/noise/JPEG) and Real-ESRGAN inputs.")
+              help="Stage sr: share of each input kind: clean (bicubic), synthetic (random blur / noise / JPEG, "
+                   "each present or not), compound (all three at once) and realesrgan (second-order chain).")
 @click.option("--recon-weight", type=click.FloatRange(min=0), default=_BASE_DEFAULTS.recon_weight, show_default=True,
               help="Stage sr: weight of the HR reconstruction term (L1 of Dec(Enc(HR)) against HR) that keeps "
                    "the autoencoder an autoencoder while the decoder learns to restore.")

@@ -119,9 +119,13 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
     return result
 
 
-# The adapters' training mix: clean bicubic (the standard benchmark), the synthetic chain above
-# with random strengths, and Real-ESRGAN's second-order chain; one kind drawn per image. (The base's
-# sr stage draws from its own, lighter mix: BaseTrainingConfig.sr_mix.)
+# The kinds of degradation a training batch draws from, one per image: clean bicubic (the standard
+# benchmark), the synthetic chain above with each factor present or absent, the same chain with all
+# three present ("compound": a camera photo is often blurred, noisy and compressed at once; the
+# synthetic kind stacks all three in only 15 % of its draws), and Real-ESRGAN's second-order chain.
+DEGRADATION_KINDS = ("clean", "synthetic", "compound", "realesrgan")
+
+# The adapters' training mix. (The base's sr stage draws from its own: BaseTrainingConfig.sr_mix.)
 ADAPTER_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
 
 
@@ -139,6 +143,8 @@ def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Genera
             lr[i] = degrade(hr_batch[i], Degradation(), scale, rng)
         elif kind == "synthetic":
             lr[i] = degrade(hr_batch[i], random_degradation(rng), scale, rng)
+        elif kind == "compound":
+            lr[i] = degrade(hr_batch[i], random_degradation(rng, p_blur=1.0, p_noise=1.0, p_jpeg=1.0), scale, rng)
     real = np.flatnonzero(kinds == "realesrgan")
     if len(real):
         hr = torch.from_numpy(np.ascontiguousarray(hr_batch[real].transpose(0, 3, 1, 2)))

@@ -192,3 +192,43 @@ def test_train_base_on_cuda_resumes_a_cpu_state_and_writes_a_cpu_checkpoint(tmp_
     model, meta = load_checkpoint(out, add_adapters=False)
     assert meta["history"][-1]["device"] == "cuda" and model_device(model).type == "cpu"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_cli_average_writes_the_weighted_mean_of_base_checkpoints(tmp_path):
+    from mordasr.model.io import save_checkpoint
+
+    base, meta = load_checkpoint(tiny_base_path(), add_adapters=False)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.01)
+    save_checkpoint(base, tmp_path / "moved", meta)
+    result = CliRunner().invoke(train_main, ["average", "-o", str(tmp_path / "soup"), str(tiny_base_path()),
+                                             str(tmp_path / "moved"), "--weights", "3,1"])
+    assert result.exit_code == 0, result.output
+    soup, soup_meta = load_checkpoint(tmp_path / "soup", add_adapters=False)
+    moved = base.state_dict()
+    for name, value in soup.state_dict().items():
+        expected = (3 * state[name] + moved[name]) / 4 if value.is_floating_point() else state[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert soup_meta["kind"] == "base" and soup_meta["history"][-1]["stage"] == "average"
+    assert [s["weight"] for s in soup_meta["history"][-1]["sources"]] == [3.0, 1.0]
+    assert set(soup_meta["stages_done"]) == {"vae", "sr", "estimator"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{base}"], "at least two"),
+    (["{base}", "{base}", "--weights", "1"], "one positive weight"),
+    (["{base}", "{base}", "--weights", "1,-1"], "one positive weight"),
+    (["{base}", "{base}", "--weights", "1,x"], "not a number"),
+    (["{base}", "{adapted}"], "not a base checkpoint"),
+])
+def test_train_cli_average_errors(tmp_path, args, message):
+    model = make_tiny_model(seed=1)
+    from mordasr.model.io import save_checkpoint
+
+    save_checkpoint(model, tmp_path / "adapted", {"kind": "adapted"})
+    argv = [a.format(base=tiny_base_path(), adapted=tmp_path / "adapted") for a in args]
+    result = CliRunner().invoke(train_main, ["average", "-o", str(tmp_path / "soup"), *argv])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "soup").exists()

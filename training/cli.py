@@ -27,6 +27,7 @@ def main(verbose: bool) -> None:
     mordasr-train fit        paper-fidelity training from a config file (Real-ESRGAN data,
                              L2 + perceptual + VSD + GAN + balance, resume, torchrun)
     mordasr-train base       reproduce the tiny preset's shipped pretrained base
+    mordasr-train average    the weighted mean of base checkpoints trained from one start
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -219,6 +220,40 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                           start_from=start_from, device=device)
+    except (MordasrError, ValueError) as err:
+        _fail(str(err))
+    click.echo(f"wrote {path}")
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option}: {text.strip()!r} is not a number") from None
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Folder for the averaged base.")
+@click.option("--weights", default=None, metavar="W1,W2,...",
+              help="One positive weight per checkpoint, in order [default: equal].")
+def average(checkpoints: tuple[Path, ...], out: Path, weights: str | None) -> None:
+    """Average the weights of base checkpoints fine-tuned from one start (a "model soup").
+
+    \b
+    mordasr-train average -o runs/soup model/pretrained/tiny runs/base-continued   # the shipped base (README)
+    mordasr-train average -o runs/soup A B C --weights 2,1,1
+
+    Every floating-point tensor of OUT is the weighted mean of the same tensor in CHECKPOINTS, which
+    must be base checkpoints of one model config (copies continued from one start with other seeds
+    or settings: their mean often beats each). Evaluate the result (mordasr-eval) before using it.
+    """
+    from mordasr.training.average import average_checkpoints
+
+    try:
+        parsed = None if weights is None else [_number(w, "--weights") for w in weights.split(",")]
+        path = average_checkpoints(checkpoints, out, parsed)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     click.echo(f"wrote {path}")

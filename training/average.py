@@ -48,8 +48,8 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
     models[0].load_state_dict(mean, strict=True)
     sources = [{"path": str(p), "weight": w, "last_stage": (m.get("history") or [{}])[-1]}
                for p, w, m in zip(paths, weights, metas)]
-    meta = {"kind": "base", "random_weights": False, "training": metas[0].get("training", {}),
-            "final_losses": {}, "stages_done": [s for s in metas[0].get("stages_done", [])
-                            if all(s in m.get("stages_done", []) for m in metas)],
+    done_by_all = [s for s in metas[0].get("stages_done", []) if all(s in m.get("stages_done", []) for m in metas)]
+    meta = {"kind": "base", "random_weights": False, "training": metas[0].get("training", {}), "final_losses": {},
+            "stages_done": done_by_all,
             "history": list(metas[0].get("history", [])) + [{"stage": "average", "sources": sources}]}
     return save_checkpoint(models[0], out, meta)

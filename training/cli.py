@@ -242,7 +242,7 @@ def average(checkpoints: tuple[Path, ...], out: Path, weights: str | None) -> No
     """Average the weights of base checkpoints fine-tuned from one start (a "model soup").
 
     \b
-    mordasr-train average -o runs/soup model/pretrained/tiny runs/base-continued   # the shipped base (README)
+    mordasr-train average -o runs/base-v12 runs/base-v9 runs/base-v11   # how the shipped base was made
     mordasr-train average -o runs/soup A B C --weights 2,1,1
 
     Every floating-point tensor of OUT is the weighted mean of the same tensor in CHECKPOINTS, which

@@ -123,7 +123,12 @@ def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int
 # benchmark), the synthetic chain above with each factor present or absent, the same chain with all
 # three present ("compound": a camera photo is often blurred, noisy and compressed at once; the
 # synthetic kind stacks all three in only 15 % of its draws), and Real-ESRGAN's second-order chain.
-DEGRADATION_KINDS = ("clean", "synthetic", "compound", "realesrgan")
+_PER_IMAGE_KINDS = {
+    "clean": lambda rng: Degradation(),
+    "synthetic": random_degradation,
+    "compound": lambda rng: random_degradation(rng, p_blur=1.0, p_noise=1.0, p_jpeg=1.0),
+}
+DEGRADATION_KINDS = (*_PER_IMAGE_KINDS, "realesrgan")  # Real-ESRGAN's chain runs on the whole batch at once
 
 # The adapters' training mix. (The base's sr stage draws from its own: BaseTrainingConfig.sr_mix.)
 ADAPTER_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
@@ -139,12 +144,8 @@ def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Genera
     kinds = rng.choice([k for k, _ in mix], size=len(hr_batch), p=[p for _, p in mix])
     lr = np.empty((len(hr_batch), hr_batch.shape[1] // scale, hr_batch.shape[2] // scale, 3), np.float32)
     for i, kind in enumerate(kinds):
-        if kind == "clean":
-            lr[i] = degrade(hr_batch[i], Degradation(), scale, rng)
-        elif kind == "synthetic":
-            lr[i] = degrade(hr_batch[i], random_degradation(rng), scale, rng)
-        elif kind == "compound":
-            lr[i] = degrade(hr_batch[i], random_degradation(rng, p_blur=1.0, p_noise=1.0, p_jpeg=1.0), scale, rng)
+        if kind in _PER_IMAGE_KINDS:
+            lr[i] = degrade(hr_batch[i], _PER_IMAGE_KINDS[kind](rng), scale, rng)
     real = np.flatnonzero(kinds == "realesrgan")
     if len(real):
         hr = torch.from_numpy(np.ascontiguousarray(hr_batch[real].transpose(0, 3, 1, 2)))

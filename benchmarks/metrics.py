@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+from mordasr.runtime.images import to_uint8
 
 
 def y_channel(image: np.ndarray) -> np.ndarray:

@@ -6,9 +6,10 @@ tensor headers only) and peak activation bytes at a given output size: shape inf
 profile's concrete input shapes, then a liveness walk over the nodes in order (a tensor lives from
 the node that makes it to the last node that reads it). For a mode and bucket count, the graphs
 held at once are summed: per-bucket graphs, one refitted graph plus a weight pack, or the
-``max_engines`` largest (the worst case of the runtime's LRU). Each held graph keeps its own
-activation memory: TensorRT gives every execution context its own and ONNX Runtime keeps a
-session's arena, so activations add up over held graphs rather than sharing one peak.
+``max_engines`` largest (the worst case of the runtime's LRU). TensorRT gives every execution
+context its own activation memory, so by default activations add up over held graphs; the
+runtime's ONNX Runtime backend shares one CPU arena among its sessions, which run one after
+another, so for it (``shared_arena=True``) the largest graph's activations are the peak.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class MemoryEstimate:
     held: list[str]  # graph keys held at once
     pack_bytes: int = 0  # refit: the largest weight pack per component, held on the host
     notes: list[str] = field(default_factory=list)
+    shared_arena: bool = False  # activations: the largest held graph's (one shared arena), not the sum
 
     @property
     def weights(self) -> int:
@@ -149,7 +151,8 @@ class MemoryEstimate:
 
     @property
     def activations(self) -> int:
-        return sum(self.graphs[k].activations for k in self.held)
+        per_graph = [self.graphs[k].activations for k in self.held]
+        return max(per_graph, default=0) if self.shared_arena else sum(per_graph)
 
     @property
     def overhead(self) -> int:
@@ -162,7 +165,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return {"output_size": list(self.output_size), "mode": self.mode, "bucket_switch": self.bucket_switch,
                 "weights_mib": round(self.weights / MIB, 1), "activations_mib": round(self.activations / MIB, 1),
-                "packs_mib": round(self.pack_bytes / MIB, 1),
+                "packs_mib": round(self.pack_bytes / MIB, 1), "shared_arena": self.shared_arena,
                 "overhead_mib": round(self.overhead / MIB, 1), "total_mib": round(self.total / MIB, 1),
                 "held": self.held,
                 "per_graph_mib": {k: {"weights": round(g.weights / MIB, 2),
@@ -186,8 +189,10 @@ class MemoryEstimate:
 
 
 def estimate_bundle(bundle_dir: str | Path, manifest: Manifest, output_size: str | int | tuple[int, int],
-                    bucket_switch: str = "graphs", max_engines: int | None = None) -> MemoryEstimate:
-    """What ``manifest``'s bundle holds at once when restoring ``output_size`` pixels (h, w)."""
+                    bucket_switch: str = "graphs", max_engines: int | None = None,
+                    shared_arena: bool = False) -> MemoryEstimate:
+    """What ``manifest``'s bundle holds at once when restoring ``output_size`` pixels (h, w);
+    ``shared_arena``: for ONNX Runtime's CPU backend, whose sessions share one arena."""
     from mordasr.runtime.trt_settings import parse_size
 
     bundle_dir = Path(bundle_dir)
@@ -215,7 +220,8 @@ def estimate_bundle(bundle_dir: str | Path, manifest: Manifest, output_size: str
     if unsized:
         notes.append(f"{unsized} tensors could not be sized by shape inference and count as 0 bytes")
     held = [g.key for g in primary if g in held_graphs]
-    return MemoryEstimate(hw, manifest.mode, "refit" if refit else "graphs", graphs, held, pack_bytes, notes)
+    return MemoryEstimate(hw, manifest.mode, "refit" if refit else "graphs", graphs, held, pack_bytes, notes,
+                          shared_arena)
 
 
 def check_budget(estimate: MemoryEstimate, budget_bytes: int, device: str) -> None:

@@ -140,8 +140,24 @@ def _decode_png16(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     return DecodedImage(np.ascontiguousarray(values[..., :3]), alpha, 16, icc, None, 1)
 
 
+ROWS_PER_BAND = 256  # rows converted at once: full-size images need no full-size float temporaries
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """Float in [0, 1] -> uint8, rounded half up (any layout, including strided views)."""
+    out = np.empty(image.shape, dtype=np.uint8)
+    for start in range(0, len(image), ROWS_PER_BAND):
+        band = np.clip(image[start:start + ROWS_PER_BAND], 0.0, 1.0)
+        band *= 255.0
+        band += 0.5
+        out[start:start + ROWS_PER_BAND] = band  # truncates, as astype does
+    return out
+
+
+def all_finite(image: np.ndarray) -> bool:
+    """No NaN or inf, checked a band of rows at a time."""
+    return all(np.isfinite(image[start:start + ROWS_PER_BAND]).all()
+               for start in range(0, len(image), ROWS_PER_BAND))
 
 
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
@@ -175,7 +191,7 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     if fmt not in OUTPUT_FORMATS.values():
         known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
         raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
-    if not np.isfinite(image).all() or (alpha is not None and not np.isfinite(alpha).all()):
+    if not all_finite(image) or (alpha is not None and not all_finite(alpha)):
         raise ImageError("refusing to write an image with NaN or inf values")
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])

@@ -34,7 +34,7 @@ class NonFiniteOutput(MordasrError):
 
 @dataclass
 class RestoreResult:
-    image: np.ndarray  # float32 (H*scale, W*scale, 3) in [0, 1]
+    image: np.ndarray  # float32 (H*scale, W*scale, 3) in [0, 1]; a view of the output buffer (strided)
     scores: np.ndarray  # (D,) degradation scores, higher = worse
     bucket: int | None  # folded bundles: the bucket whose graphs ran
 
@@ -213,7 +213,8 @@ class Restorer:
         return self._run("decoder", None, latent=z_h.astype(np.float32))
 
     def _crop(self, out: np.ndarray, image: np.ndarray) -> np.ndarray:
-        """(3, H', W') output -> (H*scale, W*scale, 3), with a warning when it came out flat."""
+        """(3, H', W') output -> (H*scale, W*scale, 3), with a warning when it came out flat. A view,
+        not a copy: the output buffer is the only full-size array a restore holds."""
         height, width = image.shape[:2]
         s = self.scale
         restored = out[:, : height * s, : width * s].transpose(1, 2, 0)
@@ -221,7 +222,7 @@ class Restorer:
             log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
                         "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
                         float(restored.mean()))
-        return np.ascontiguousarray(restored)
+        return restored
 
     def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
                        tiling: Tiling) -> np.ndarray:

@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from mordasr.errors import ImageError
-from mordasr.runtime.images import read_image, resize, write_image
+from mordasr.runtime.images import ROWS_PER_BAND, all_finite, read_image, resize, to_uint8, write_image
 
 
 @settings(max_examples=40, deadline=None)
@@ -89,6 +89,24 @@ def test_write_is_atomic_and_refuses_nan(tmp_path):
     with pytest.raises(ImageError, match="unsupported output format"):
         write_image(tmp_path / "x.gif", np.zeros((2, 2, 3), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(st.sampled_from([np.float32, np.float64]),
+              st.tuples(st.integers(1, 2 * ROWS_PER_BAND + 3), st.integers(1, 5), st.just(3)),
+              elements=st.floats(-0.5, 1.5, width=32)),
+       st.booleans())
+def test_to_uint8_in_bands_equals_the_whole_array_formula(image, transposed):
+    """Rounded half up and clipped, band by band, exactly as the one-line formula on the whole
+    array, also on a strided view (the restorer hands out transposed views of its buffer)."""
+    if transposed:
+        image = image.transpose(1, 0, 2)
+    expected = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    assert np.array_equal(to_uint8(image), expected)
+    assert all_finite(image)
+    image = image.copy()
+    image[-1, -1, -1] = np.nan
+    assert not all_finite(image)
 
 
 def test_resize_matches_size_and_range():

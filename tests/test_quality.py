@@ -130,4 +130,7 @@ def test_peak_memory_grows_no_faster_than_pixels(folded_bundle, capsys):
               f"{4 * tile}px ({16 * tile * tile * 16 / 1e6:.1f} MP out) {sixteen:.0f}")
     grow_4, grow_16 = four - baseline, sixteen - baseline
     assert grow_16 <= 4.0 * max(grow_4, 1.0) * 1.25  # 4x the pixels of the 4x run: at most linear (+25 %)
+    # 2x2 tiles against one: the output buffer (12 MiB) and a second run of each session, which
+    # reuses its memory (with ONNX Runtime's memory pattern on, it took +464 MiB here)
+    assert four - one < 128
     assert sixteen < 1.5 * 1024  # 2048x2048 output (a 4x4 grid of tiles) under 1.5 GB

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from mordasr.runtime.images import to_uint8
+
 MAX_BLUR_SIGMA = 3.0
 MAX_NOISE_SIGMA = 25.0 / 255.0
 JPEG_QUALITY_RANGE = (30, 95)
@@ -35,10 +37,6 @@ def random_degradation(rng: np.random.Generator, p_blur: float = 0.6, p_noise: f
     noise = float(rng.uniform(2 / 255, MAX_NOISE_SIGMA)) if rng.random() < p_noise else 0.0
     jpeg = int(rng.integers(*JPEG_QUALITY_RANGE)) if rng.random() < p_jpeg else None
     return Degradation(blur, noise, jpeg)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def degrade(hr: np.ndarray, deg: Degradation, scale: int, rng: np.random.Generator) -> np.ndarray:

@@ -50,7 +50,7 @@ class TritonPythonModel:
                                     [image for _, image in chunk])
             for (i, _), result in zip(chunk, results):
                 answers[i] = _error(result) if isinstance(result, Exception) else pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("restored", result.image),
+                    output_tensors=[pb_utils.Tensor("restored", np.ascontiguousarray(result.image)),
                                     pb_utils.Tensor("scores", result.scores.astype(np.float32)),
                                     pb_utils.Tensor("bucket", np.array([-1 if result.bucket is None
                                                                          else result.bucket], np.int32))])

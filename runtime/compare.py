@@ -48,7 +48,7 @@ def compare_backends(bundle: str | Path, image: np.ndarray, specs: list[str]) ->
 
         restorer = Restorer(bundle, backend=name, tap=tap, **options)
         result = restorer.restore(image)
-        outputs["image"] = result.image
+        outputs["image"] = np.ascontiguousarray(result.image)  # Polygraphy's comparison views its arrays
         runs.append((outputs, result.bucket))
     (first, bucket_a), (second, bucket_b) = runs
     if bucket_a != bucket_b:

@@ -143,15 +143,22 @@ def _decode_png16(data: bytes, name: str, max_pixels: int) -> DecodedImage:
 ROWS_PER_BAND = 256  # rows converted at once: full-size images need no full-size float temporaries
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float in [0, 1] -> uint8, rounded half up (any layout, including strided views)."""
-    out = np.empty(image.shape, dtype=np.uint8)
+def quantize(image: np.ndarray, dtype: type = np.uint8) -> np.ndarray:
+    """Float in [0, 1] -> ``dtype`` (uint8 or uint16), rounded half up, a band of rows at a time
+    (any layout, including strided views)."""
+    top = float(np.iinfo(dtype).max)
+    out = np.empty(image.shape, dtype=dtype)
     for start in range(0, len(image), ROWS_PER_BAND):
         band = np.clip(image[start:start + ROWS_PER_BAND], 0.0, 1.0)
-        band *= 255.0
+        band *= top
         band += 0.5
         out[start:start + ROWS_PER_BAND] = band  # truncates, as astype does
     return out
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float in [0, 1] -> uint8, rounded half up."""
+    return quantize(image, np.uint8)
 
 
 def all_finite(image: np.ndarray) -> bool:
@@ -198,7 +205,7 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
     if bit_depth == 16 and fmt == "PNG":
-        return encode_png16((np.clip(channels, 0, 1) * 65535 + 0.5).astype(np.uint16), icc_profile)
+        return encode_png16(quantize(channels, np.uint16), icc_profile)
     options = {}
     if icc_profile and fmt in ICC_FORMATS:
         options["icc_profile"] = icc_profile

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mordasr.errors import ImageError, ImageTooLarge
 from mordasr.runtime.atomic import atomic_write
-from mordasr.runtime.png16 import decode_png16, encode_png16, is_png16_color_data
+from mordasr.runtime.png import decode_png16, encode_png, is_png16_color_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -204,8 +204,8 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
-    if bit_depth == 16 and fmt == "PNG":
-        return encode_png16(quantize(channels, np.uint16), icc_profile)
+    if fmt == "PNG":  # the writer mordasr-run streams with: the same bytes either way
+        return encode_png(quantize(channels, np.uint16 if bit_depth == 16 else np.uint8), icc_profile, exif)
     options = {}
     if icc_profile and fmt in ICC_FORMATS:
         options["icc_profile"] = icc_profile

@@ -14,20 +14,24 @@ from typing import TypeVar
 
 import numpy as np
 
-from mordasr.errors import MordasrError, first_line
+from mordasr.errors import ImageError, MordasrError, first_line
+from mordasr.runtime.atomic import atomic_open
 from mordasr.runtime.color import color_fix as color_fix_image
 from mordasr.runtime.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
     DecodedImage,
+    all_finite,
     decode_image,
     encode_image,
+    quantize,
     read_image_full,
     upscale_alpha,
     write_image,
 )
-from mordasr.runtime.pipeline import Restorer, RestoreResult
+from mordasr.runtime.pipeline import Restorer
+from mordasr.runtime.png import PngWriter
 from mordasr.runtime.tiling import Tiling
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -48,16 +52,20 @@ class RestoreOptions:
 class Restored:
     """A restored image with what its output file carries over from the input."""
 
-    image: np.ndarray  # float32 (H*scale, W*scale, 3) in [0, 1], colour-fixed
+    image: np.ndarray | None  # float32 (H*scale, W*scale, 3) in [0, 1], colour-fixed; None: streamed to its file
     alpha: np.ndarray | None
     bit_depth: int
     icc_profile: bytes | None
     exif: bytes | None
-    result: RestoreResult  # scores and bucket
+    scores: np.ndarray  # the router's degradation scores
+    bucket: int | None  # folded bundles: the bucket whose graphs ran
     input_size: tuple[int, int]  # (width, height)
+    output_size: tuple[int, int]  # (width, height)
     frames: int
 
     def encode(self, fmt: str = "PNG") -> bytes:
+        if self.image is None:
+            raise ValueError("this image was streamed to its file and is not held")
         return encode_image(self.image, fmt, self.alpha, self.bit_depth, self.icc_profile, self.exif)
 
 
@@ -70,17 +78,46 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
     for d, k, image, result in zip(decoded, keep, inputs, results):
         fixed = color_fix_image(result.image, image, options.color_fix)
         h, w = fixed.shape[:2]
-        depth = d.bit_depth if options.bit_depth == "auto" else int(options.bit_depth)
-        restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, depth, d.icc_profile,
-                                 d.exif, result, (image.shape[1], image.shape[0]), d.frames))
+        restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, _bit_depth(d, options),
+                                 d.icc_profile, d.exif, result.scores, result.bucket,
+                                 (image.shape[1], image.shape[0]), (w, h), d.frames))
     return restored
+
+
+def _bit_depth(decoded: DecodedImage, options: RestoreOptions) -> int:
+    return decoded.bit_depth if options.bit_depth == "auto" else int(options.bit_depth)
 
 
 def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptions) -> Restored:
-    """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix."""
-    (restored,) = restore_decoded(restorer, [read_image_full(src, max_pixels=options.max_pixels)], options)
+    """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
+
+    A PNG without colour fix or alpha is written a band of rows at a time as the tiles finish
+    (``Restorer.restore_stream``): no array of the output's size is held, so memory stays
+    bounded however large the image. The bytes are the same as a whole-image write."""
+    decoded = read_image_full(src, max_pixels=options.max_pixels)
+    streams = (OUTPUT_FORMATS.get(dst.suffix.lower()) == "PNG" and options.color_fix == "none"
+               and not (decoded.alpha is not None and options.keep_alpha))
+    if streams:
+        return _restore_to_png(restorer, decoded, dst, options)
+    (restored,) = restore_decoded(restorer, [decoded], options)
     write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
     return restored
+
+
+def _restore_to_png(restorer: Restorer, decoded: DecodedImage, dst: Path, options: RestoreOptions) -> Restored:
+    image = decoded.composited()
+    stream = restorer.restore_stream(image, tiling=options.tiling)
+    depth = _bit_depth(decoded, options)
+    height, width = stream.size
+    with atomic_open(dst) as file:
+        writer = PngWriter(file, width, height, 3, depth, decoded.icc_profile, decoded.exif)
+        for rows in stream.bands:
+            if not all_finite(rows):
+                raise ImageError(f"{dst}: refusing to write an image with NaN or inf values")
+            writer.write(quantize(rows, np.uint16 if depth == 16 else np.uint8))
+        writer.close()
+    return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,
+                    (image.shape[1], image.shape[0]), (width, height), decoded.frames)
 
 
 def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt: str = "PNG",
@@ -147,9 +184,8 @@ def failure_reason(src: Path | str, err: Exception) -> str:
 
 def describe(src: Path | str, dst: Path | str, restored: Restored, mode: str, seconds: float) -> str:
     """The line ``mordasr-run`` prints for a restored file."""
-    result = restored.result
-    where = f"bucket {result.bucket}" if result.bucket is not None else mode
+    where = f"bucket {restored.bucket}" if restored.bucket is not None else mode
     extra = ", first frame of an animation" if restored.frames > 1 else ""
-    w, h = restored.input_size
-    return (f"{src} -> {dst} ({w}x{h} -> {result.image.shape[1]}x{result.image.shape[0]}, "
+    (w, h), (out_w, out_h) = restored.input_size, restored.output_size
+    return (f"{src} -> {dst} ({w}x{h} -> {out_w}x{out_h}, "
             f"{where}{extra}, {seconds:.2f} s)")

@@ -1,6 +1,7 @@
 """Restorer: image -> router -> bucket or gates -> encoder -> UNet -> x0 step -> decoder -> image.
 
-Images larger than the bundle's profile run the same steps over overlapping, blended tiles.
+Images larger than the bundle's profile run the same steps over overlapping, blended tiles;
+``restore_stream`` hands the output over a band of finished rows at a time instead of whole.
 A graph whose output is not finite (an FP16 VAE overflowing) is rerun in its FP32 graph when the
 bundle ships one; otherwise the restore fails: a NaN or black image is never returned silently.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket, router_windows
-from mordasr.runtime.tiling import Tiling, tiled_apply
+from mordasr.runtime.tiling import TiledBlend, Tiling
 
 log = logging.getLogger("mordasr.runtime")
 
@@ -37,6 +38,17 @@ class RestoreResult:
     image: np.ndarray  # float32 (H*scale, W*scale, 3) in [0, 1]; a view of the output buffer (strided)
     scores: np.ndarray  # (D,) degradation scores, higher = worse
     bucket: int | None  # folded bundles: the bucket whose graphs ran
+
+
+@dataclass
+class RestoreStream:
+    """A restore whose output comes a band of rows at a time, so that no array of the output's
+    size is held (``mordasr-run`` writes each band into the PNG as it comes)."""
+
+    bands: Iterator[np.ndarray]  # float32 (rows, W*scale, 3) in [0, 1], top to bottom, each valid until the next
+    size: tuple[int, int]  # (height, width) of the output
+    scores: np.ndarray
+    bucket: int | None
 
 
 # Called after each graph run with (graph, feeds, output); calibration and reports use it.
@@ -146,19 +158,39 @@ class Restorer:
         scores = self.scores(image)
         return self._restore_scored(image, scores, bucket, tiling)
 
+    def restore_stream(self, image: np.ndarray, bucket: int | None = None,
+                       tiling: Tiling = Tiling()) -> RestoreStream:
+        """``restore`` with the output handed over a band of finished rows at a time: a tiled
+        restore then holds two rows of tiles' output instead of the whole image. The same
+        values as ``restore``, bit for bit."""
+        _check_image(image)
+        scores = self.scores(image)
+        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling)
+        height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
+        if blend is None:
+            bands = iter([self._crop(self._restore_whole(x, bucket, score_feed)[0], image)])
+        else:
+            bands = self._cropped_bands(blend, image)
+        return RestoreStream(bands, (height, width), scores, bucket)
+
     def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
                         tiling: Tiling) -> RestoreResult:
+        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling)
+        out = self._restore_whole(x, bucket, score_feed) if blend is None else blend.run()  # 3.-6.
+        return RestoreResult(self._crop(out[0], image), scores, bucket)
+
+    def _plan(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
+              tiling: Tiling) -> tuple[int | None, np.ndarray, TiledBlend | None, np.ndarray]:
+        """(bucket, padded input, its tiles or None, the scores feed) for one image."""
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
         x = self._pad(image)
         tile = tiling.tile if tiling.tile is not None else self.default_tile()
-        if tile and max(x.shape[-2:]) > tile:
-            out = self._restore_tiled(x, bucket, score_feed, tile, tiling)
-            bucket = None if tiling.per_tile_routing else bucket
-        else:
-            out = self._restore_whole(x, bucket, score_feed)  # 3.-6.
-        return RestoreResult(self._crop(out[0], image), scores, bucket)
+        if not (tile and max(x.shape[-2:]) > tile):
+            return bucket, x, None, score_feed
+        blend = self._tiled(x, bucket, score_feed, tile, tiling)
+        return (None if tiling.per_tile_routing else bucket), x, blend, score_feed
 
     def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling()) -> list[RestoreResult]:
         """Several images at once (a server's dynamic batch): one router call for all, then one
@@ -218,16 +250,25 @@ class Restorer:
         height, width = image.shape[:2]
         s = self.scale
         restored = out[:, : height * s, : width * s].transpose(1, 2, 0)
-        if np.ptp(restored) < 1 / 255 and np.ptp(image) > 0.05:
-            log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
-                        "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
-                        float(restored.mean()))
+        _warn_if_flat(float(restored.min()), float(restored.max()), image)
         return restored
 
-    def _restore_tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
-                       tiling: Tiling) -> np.ndarray:
-        """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended
-        into one output buffer: nothing full-size but the output (memory linear in pixels)."""
+    def _cropped_bands(self, blend: TiledBlend, image: np.ndarray) -> Iterator[np.ndarray]:
+        height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
+        emitted, low, high = 0, np.inf, -np.inf
+        for band in blend.bands():
+            rows = band[0, :, : height - emitted, :width].transpose(1, 2, 0)
+            if len(rows):
+                low, high = min(low, float(rows.min())), max(high, float(rows.max()))
+                yield rows
+            emitted += len(rows)
+        _warn_if_flat(low, high, image)
+
+    def _tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
+               tiling: Tiling) -> TiledBlend:
+        """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended:
+        into one output buffer (``run``, memory linear in pixels) or a band of rows at a time
+        (``bands``, bounded memory)."""
         m = self.manifest.lr_multiple
         tile = max(m, tile // m * m)
         overlap = (tile // 4 if tiling.overlap is None else tiling.overlap) // m * m
@@ -239,7 +280,14 @@ class Restorer:
             tile_scores = self.scores(t[0].transpose(1, 2, 0))
             return self._restore_whole(t, self.route(tile_scores), tile_scores[None].astype(np.float32))
 
-        return tiled_apply(restore_tile, x, tile, overlap, self.scale, m, tiling.window)
+        return TiledBlend(restore_tile, x, tile, overlap, self.scale, m, tiling.window)
+
+
+def _warn_if_flat(low: float, high: float, image: np.ndarray) -> None:
+    if high - low < 1 / 255 and np.ptp(image) > 0.05:
+        log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
+                    "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
+                    (low + high) / 2)
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -5,14 +5,15 @@ A function maps an input (N, C, H, W) to an output whose sides are ``factor`` ti
 and sizes are multiples of ``multiple``, weights every output tile with a smooth window (Gaussian,
 or linear ramps) and divides by the summed weights, so overlaps blend without seams and an
 identity function reproduces its input. Working memory is one tile's run plus one float32
-accumulator of the output's size (12 bytes per output pixel for RGB): linear in pixels. The
-windows are separable and the tiles a full grid, so the summed weights are the outer product of
-two vectors and need no buffer of the output's size.
+accumulator of the output's size (12 bytes per output pixel for RGB), or, when the output is
+taken a band of rows at a time (``TiledBlend.bands``), two rows of tiles' output: bounded for
+any image height. The windows are separable and the tiles a full grid, so the summed weights
+are the outer product of two vectors and need no buffer of the output's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,50 +76,92 @@ def window(height: int, width: int, kind: str = "gaussian", margin: int | None =
     return np.outer(window_axis(height, kind, margin), window_axis(width, kind, margin))
 
 
-def tiled_apply(fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int, overlap: int,
-                factor: float, multiple: int = 1, kind: str = "gaussian",
-                on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+class TiledBlend:
     """Run ``fn(tile, (y0, x0))`` over overlapping tiles of ``x`` (N, C, H, W) and blend the outputs.
 
     ``factor`` is output side / input side (a float for the encoder's scale/downsample). The input
     is edge-padded so every tile is full-size and a multiple of ``multiple``; the output is cropped
-    back to ``round(H * factor) x round(W * factor)``.
+    back to ``round(H * factor) x round(W * factor)``. Tiles run a row of tiles at a time, top to
+    bottom; once a row is done, the output rows above the next row's first tile are final.
+
+    ``bands()`` yields those finished rows as (N, C, rows, W') float32 arrays, valid until the next
+    one, while holding only two rows of tiles' output (the row being blended and the overlap it
+    hands on): what ``mordasr-run`` streams into a PNG. ``run()`` blends into one buffer of the
+    output's size instead and returns it: the same values, bit for bit.
     """
-    n, _, height, width = x.shape
-    ys = tile_starts(height, tile, overlap, multiple)
-    xs = tile_starts(width, tile, overlap, multiple)
-    tile_h = tile if len(ys) > 1 or height > tile else -(-height // multiple) * multiple
-    tile_w = tile if len(xs) > 1 or width > tile else -(-width // multiple) * multiple
-    pad_h = max(ys[-1] + tile_h - height, 0)
-    pad_w = max(xs[-1] + tile_w - width, 0)
-    if pad_h or pad_w:
-        x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    out_h, out_w = round((height + pad_h) * factor), round((width + pad_w) * factor)
-    acc = None
-    total = len(ys) * len(xs)
-    done = 0
-    for y0 in ys:
-        for x0 in xs:
-            out = fn(np.ascontiguousarray(x[:, :, y0:y0 + tile_h, x0:x0 + tile_w]), (y0, x0))
-            if acc is None:  # every tile has the same size, so one window serves them all
-                oh, ow = out.shape[-2:]
-                wy, wx = window_axis(oh, kind).astype(np.float32), window_axis(ow, kind).astype(np.float32)
-                w = np.outer(wy, wx)
-                acc = np.zeros((n, out.shape[1], out_h, out_w), dtype=np.float32)
-            elif out.shape[-2:] != (oh, ow):
-                raise ValueError(f"tile outputs differ in size: {out.shape[-2:]} after {(oh, ow)}")
-            oy, ox = round(y0 * factor), round(x0 * factor)
-            acc[:, :, oy:oy + oh, ox:ox + ow] += out * w
-            done += 1
-            if on_tile:
-                on_tile(done, total)
-    # the summed weights at (y, x) are (sum of the row windows at y) * (sum of the column windows
-    # at x); dividing by each in place keeps the output the only full-size buffer
-    sum_y, sum_x = np.zeros(out_h, np.float32), np.zeros(out_w, np.float32)
-    for y0 in ys:
-        sum_y[round(y0 * factor):round(y0 * factor) + oh] += wy
-    for x0 in xs:
-        sum_x[round(x0 * factor):round(x0 * factor) + ow] += wx
-    acc /= sum_y[:, None]
-    acc /= sum_x
-    return acc[:, :, : round(height * factor), : round(width * factor)]
+
+    def __init__(self, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int,
+                 overlap: int, factor: float, multiple: int = 1, kind: str = "gaussian",
+                 on_tile: Callable[[int, int], None] | None = None) -> None:
+        self.fn, self.factor, self.kind, self.on_tile = fn, factor, kind, on_tile
+        _, _, height, width = x.shape
+        self.ys = tile_starts(height, tile, overlap, multiple)
+        self.xs = tile_starts(width, tile, overlap, multiple)
+        self.tile_h = tile if len(self.ys) > 1 or height > tile else -(-height // multiple) * multiple
+        self.tile_w = tile if len(self.xs) > 1 or width > tile else -(-width // multiple) * multiple
+        pad_h = max(self.ys[-1] + self.tile_h - height, 0)
+        pad_w = max(self.xs[-1] + self.tile_w - width, 0)
+        self.x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge") if pad_h or pad_w else x
+        self.out_h, self.out_w = round((height + pad_h) * factor), round((width + pad_w) * factor)
+        self.height, self.width = round(height * factor), round(width * factor)  # the output, cropped
+
+    def run(self) -> np.ndarray:
+        """(N, C, H', W'): the whole blended output, a view of one buffer of its (padded) size."""
+        for _ in self._blend(whole=True):
+            pass
+        return self._buffer[:, :, : self.height, : self.width]
+
+    def bands(self) -> Iterator[np.ndarray]:
+        """Finished output rows, top to bottom, (N, C, rows, W'), each valid until the next."""
+        return self._blend(whole=False)
+
+    def _blend(self, whole: bool) -> Iterator[np.ndarray]:
+        factor, total, done = self.factor, len(self.ys) * len(self.xs), 0
+        emitted = 0  # output rows finished so far
+        for i, y0 in enumerate(self.ys):
+            oy = round(y0 * factor)
+            for j, x0 in enumerate(self.xs):
+                out = self.fn(np.ascontiguousarray(self.x[:, :, y0:y0 + self.tile_h, x0:x0 + self.tile_w]), (y0, x0))
+                if done == 0:  # every tile has the same size, so one window serves them all
+                    self._start(out, whole)
+                elif out.shape[-2:] != (self.oh, self.ow):
+                    raise ValueError(f"tile outputs differ in size: {out.shape[-2:]} after {(self.oh, self.ow)}")
+                elif j == 0 and not whole:  # a new row of tiles: carry the rows it shares with the last
+                    carried = self._buffer[:, :, oy - self._base:]
+                    self._buffer = np.zeros(self._buffer.shape, np.float32)
+                    self._buffer[:, :, : carried.shape[2]] = carried
+                    self._base = oy
+                ox = round(x0 * factor)
+                self._buffer[:, :, oy - self._base:oy - self._base + self.oh, ox:ox + self.ow] += out * self.w
+                done += 1
+                if self.on_tile:
+                    self.on_tile(done, total)
+            end = round(self.ys[i + 1] * factor) if i + 1 < len(self.ys) else self.out_h
+            band = self._buffer[:, :, emitted - self._base:end - self._base]
+            # the summed weights at (y, x) are (sum of the row windows at y) * (sum of the column
+            # windows at x); dividing by each in place needs no buffer of the output's size
+            band /= self.sum_y[emitted:end, None]
+            band /= self.sum_x
+            rows = min(end, self.height) - emitted
+            if rows > 0:
+                yield band[:, :, :rows, : self.width]
+            emitted = end
+
+    def _start(self, out: np.ndarray, whole: bool) -> None:
+        n, c, self.oh, self.ow = out.shape
+        wy, wx = window_axis(self.oh, self.kind).astype(np.float32), window_axis(self.ow, self.kind).astype(np.float32)
+        self.w = np.outer(wy, wx)
+        self.sum_y, self.sum_x = np.zeros(self.out_h, np.float32), np.zeros(self.out_w, np.float32)
+        for y0 in self.ys:
+            self.sum_y[round(y0 * self.factor):round(y0 * self.factor) + self.oh] += wy
+        for x0 in self.xs:
+            self.sum_x[round(x0 * self.factor):round(x0 * self.factor) + self.ow] += wx
+        self._buffer = np.zeros((n, c, self.out_h if whole else self.oh, self.out_w), np.float32)
+        self._base = 0  # the output row of the buffer's first row
+
+
+def tiled_apply(fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int, overlap: int,
+                factor: float, multiple: int = 1, kind: str = "gaussian",
+                on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """``TiledBlend(...).run()``: the blended output (N, C, round(H * factor), round(W * factor))."""
+    return TiledBlend(fn, x, tile, overlap, factor, multiple, kind, on_tile).run()

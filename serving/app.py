@@ -115,10 +115,9 @@ class RestoreService:
             return JSONResponse({"error": message, "status": status, "request_id": request_id},
                                 status_code=status, headers=headers)
         self.served += 1
-        result = restored.result
-        headers.update({"x-mordasr-scores": ",".join(f"{v:.6g}" for v in result.scores),
-                        "x-mordasr-bucket": "" if result.bucket is None else str(result.bucket),
-                        "x-mordasr-size": "{}x{}".format(*restored.image.shape[1::-1])})
+        headers.update({"x-mordasr-scores": ",".join(f"{v:.6g}" for v in restored.scores),
+                        "x-mordasr-bucket": "" if restored.bucket is None else str(restored.bucket),
+                        "x-mordasr-size": "{}x{}".format(*restored.output_size)})
         return Response(payload, media_type=RESPONSE_TYPES[fmt], headers=headers)
 
     async def _read_body(self, request) -> bytes:

@@ -18,7 +18,7 @@ from PIL import Image
 from mordasr.runtime.cli import main as run_main
 from mordasr.runtime.color import adain, color_fix, wavelet
 from mordasr.runtime.images import read_image, read_image_full, write_image
-from mordasr.runtime.png16 import encode_png16, read_png16
+from mordasr.runtime.png import encode_png, read_png16
 
 RNG = np.random.default_rng(7)
 FAKE_ICC = b"\0\0\0\x18mordasr-test-icc-profile"
@@ -73,7 +73,7 @@ def test_png16_decoder_handles_every_row_filter(tmp_path, channels):
 def test_16bit_png_stays_16bit_with_alpha_and_icc(tmp_path):
     pixels = RNG.integers(0, 65536, (9, 7, 4), dtype=np.uint16)
     path = tmp_path / "in.png"
-    path.write_bytes(encode_png16(pixels, FAKE_ICC))
+    path.write_bytes(encode_png(pixels, FAKE_ICC))
     decoded = read_image_full(path)
     assert decoded.bit_depth == 16 and decoded.icc_profile == FAKE_ICC
     assert np.array_equal(np.round(decoded.rgb * 65535).astype(np.uint16), pixels[..., :3])
@@ -141,7 +141,7 @@ def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     Image.fromarray(RNG.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(src / "sub" / "a.png")
-    (src / "b.png").write_bytes(encode_png16(RNG.integers(0, 65536, (8, 8, 3), dtype=np.uint16)))
+    (src / "b.png").write_bytes(encode_png(RNG.integers(0, 65536, (8, 8, 3), dtype=np.uint16)))
     out = tmp_path / "out"
     runner = CliRunner()
     dry = runner.invoke(run_main, [str(src), "-o", str(out), "--bundle", str(folded_bundle), "--dry-run"])
@@ -155,6 +155,51 @@ def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
     again = runner.invoke(run_main, [str(src), "-o", str(out), "--bundle", str(folded_bundle), "--skip-existing"])
     assert again.exit_code == 0 and "all 2 outputs exist" in again.output
     assert (out / "b.png").stat().st_mtime_ns == stamp
+
+
+def test_png_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle, tmp_path, monkeypatch):
+    """mordasr-run writes a tiled PNG band by band as the tiles finish (16-bit too, EXIF and ICC
+    kept): the file is byte-for-byte what the whole-image path (mordasr-serve's, a JPEG's)
+    encodes. A restore that fails after its first band leaves no file behind."""
+    from mordasr.runtime.images import encode_image
+    from mordasr.runtime.jobs import RestoreOptions, restore_file
+    from mordasr.runtime.pipeline import Restorer, RestoreStream
+    from mordasr.runtime.tiling import Tiling
+
+    exif = Image.Exif()
+    exif[0x010F] = "mordasr test camera"
+    src = tmp_path / "photo.png"
+    Image.fromarray(RNG.integers(0, 256, (37, 29, 3), dtype=np.uint8)).save(src, icc_profile=FAKE_ICC,
+                                                                             exif=exif.tobytes())
+    deep = tmp_path / "deep.png"
+    deep.write_bytes(encode_png(RNG.integers(0, 65536, (20, 24, 3), dtype=np.uint16)))
+    restorer = Restorer(folded_bundle, threads=1)
+    options = RestoreOptions(tiling=Tiling(tile=16, overlap=4))
+    streamed = []
+    real_stream = Restorer.restore_stream
+    monkeypatch.setattr(Restorer, "restore_stream", lambda *a, **k: streamed.append(1) or real_stream(*a, **k))
+    for path in (src, deep):
+        decoded = read_image_full(path)
+        restored = restore_file(restorer, path, tmp_path / f"out-{path.name}", options)
+        assert restored.image is None and restored.output_size == (4 * decoded.rgb.shape[1], 4 * decoded.rgb.shape[0])
+        whole = restorer.restore(decoded.composited(), tiling=options.tiling).image
+        expected = encode_image(whole, "PNG", None, decoded.bit_depth, decoded.icc_profile, decoded.exif)
+        assert (tmp_path / f"out-{path.name}").read_bytes() == expected
+    assert len(streamed) == 2
+    with Image.open(tmp_path / "out-photo.png") as img:
+        assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"
+
+    def failing_stream(self, image, bucket=None, tiling=Tiling()):
+        good = real_stream(self, image, bucket, tiling)
+        first = next(good.bands)
+        broken = first.copy()
+        broken[0, 0, 0] = np.nan
+        return RestoreStream(iter([first, broken]), good.size, good.scores, good.bucket)
+
+    monkeypatch.setattr(Restorer, "restore_stream", failing_stream)
+    with pytest.raises(Exception, match="NaN"):
+        restore_file(restorer, src, tmp_path / "failed" / "x.png", options)
+    assert list((tmp_path / "failed").iterdir()) == []
 
 
 def _fuzz_corpus(folder):
@@ -177,7 +222,7 @@ def _fuzz_corpus(folder):
     cases["one.png"] = True
     Image.new("RGB", (300, 2), "gray").save(folder / "wide.png")
     cases["wide.png"] = True
-    (folder / "deep.png").write_bytes(encode_png16(RNG.integers(0, 65536, (6, 6, 3), dtype=np.uint16)))
+    (folder / "deep.png").write_bytes(encode_png(RNG.integers(0, 65536, (6, 6, 3), dtype=np.uint16)))
     cases["deep.png"] = True
     Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
     cases["cmyk.jpg"] = True

@@ -38,8 +38,11 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
         arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         return np.repeat(arr[..., None], 3, axis=-1)
     if _has_alpha(img):
-        return np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        rgb = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
+    else:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+        rgb /= 255.0  # in place: a large photograph's float copy is held once, not twice
+    return rgb
 
 
 def _has_alpha(img: Image.Image) -> bool:

@@ -180,17 +180,18 @@ class Restorer:
         return RestoreResult(self._crop(out[0], image), scores, bucket)
 
     def _plan(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
-              tiling: Tiling) -> tuple[int | None, np.ndarray, TiledBlend | None, np.ndarray]:
-        """(bucket, padded input, its tiles or None, the scores feed) for one image."""
+              tiling: Tiling) -> tuple[int | None, np.ndarray | None, TiledBlend | None, np.ndarray]:
+        """(bucket, the padded input or its tiles, the scores feed) for one image."""
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
-        x = self._pad(image)
+        rows, cols = self._padded_index(*image.shape[:2])
         tile = tiling.tile if tiling.tile is not None else self.default_tile()
-        if not (tile and max(x.shape[-2:]) > tile):
-            return bucket, x, None, score_feed
-        blend = self._tiled(x, bucket, score_feed, tile, tiling)
-        return (None if tiling.per_tile_routing else bucket), x, blend, score_feed
+        if not (tile and max(len(rows), len(cols)) > tile):
+            return bucket, self._pad(image), None, score_feed
+        # tiles are gathered from the image itself: no padded copy of a large input is made
+        blend = self._tiled(image.transpose(2, 0, 1)[None], (rows, cols), bucket, score_feed, tile, tiling)
+        return (None if tiling.per_tile_routing else bucket), None, blend, score_feed
 
     def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling()) -> list[RestoreResult]:
         """Several images at once (a server's dynamic batch): one router call for all, then one
@@ -226,13 +227,17 @@ class Restorer:
         per_image = np.split(scores, np.cumsum([len(v) for v in views])[:-1])
         return np.stack([part.mean(axis=0) for part in per_image])
 
+    def _padded_index(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and columns of an image padded (reflect) to the multiple the graphs need."""
+        m = self.manifest.lr_multiple
+        mode = "reflect" if min(height, width) > 1 else "edge"
+        return (np.pad(np.arange(height), (0, (-height) % m), mode=mode),
+                np.pad(np.arange(width), (0, (-width) % m), mode=mode))
+
     def _pad(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""
-        height, width = image.shape[:2]
-        m = self.manifest.lr_multiple
-        pad_h, pad_w = (-height) % m, (-width) % m
-        x = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
-        return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+        rows, cols = self._padded_index(*image.shape[:2])
+        return np.ascontiguousarray(image[rows[:, None], cols].transpose(2, 0, 1)[None], dtype=np.float32)
 
     def _restore_whole(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray) -> np.ndarray:
         # 3. encoder (bicubic upsample inside the graph) -> latent mean
@@ -264,8 +269,8 @@ class Restorer:
             emitted += len(rows)
         _warn_if_flat(low, high, image)
 
-    def _tiled(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray, tile: int,
-               tiling: Tiling) -> TiledBlend:
+    def _tiled(self, x: np.ndarray, index: tuple[np.ndarray, np.ndarray], bucket: int | None,
+               score_feed: np.ndarray, tile: int, tiling: Tiling) -> TiledBlend:
         """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended:
         into one output buffer (``run``, memory linear in pixels) or a band of rows at a time
         (``bands``, bounded memory)."""
@@ -280,7 +285,7 @@ class Restorer:
             tile_scores = self.scores(t[0].transpose(1, 2, 0))
             return self._restore_whole(t, self.route(tile_scores), tile_scores[None].astype(np.float32))
 
-        return TiledBlend(restore_tile, x, tile, overlap, self.scale, m, tiling.window)
+        return TiledBlend(restore_tile, x, tile, overlap, self.scale, m, tiling.window, index=index)
 
 
 def _warn_if_flat(low: float, high: float, image: np.ndarray) -> None:

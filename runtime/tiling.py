@@ -81,8 +81,10 @@ class TiledBlend:
 
     ``factor`` is output side / input side (a float for the encoder's scale/downsample). The input
     is edge-padded so every tile is full-size and a multiple of ``multiple``; the output is cropped
-    back to ``round(H * factor) x round(W * factor)``. Tiles run a row of tiles at a time, top to
-    bottom; once a row is done, the output rows above the next row's first tile are final.
+    back to ``round(H * factor) x round(W * factor)``. ``index`` (rows, cols) picks the image to
+    tile out of ``x`` (default: all of it), e.g. a caller's padding written as indices. Tiles run
+    a row of tiles at a time, top to bottom; once a row is done, the output rows above the next
+    row's first tile are final.
 
     ``bands()`` yields those finished rows as (N, C, rows, W') float32 arrays, valid until the next
     one, while holding only two rows of tiles' output (the row being blended and the overlap it
@@ -92,18 +94,28 @@ class TiledBlend:
 
     def __init__(self, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int,
                  overlap: int, factor: float, multiple: int = 1, kind: str = "gaussian",
-                 on_tile: Callable[[int, int], None] | None = None) -> None:
+                 on_tile: Callable[[int, int], None] | None = None,
+                 index: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.fn, self.factor, self.kind, self.on_tile = fn, factor, kind, on_tile
-        _, _, height, width = x.shape
+        # Tiles are gathered from x one at a time through row and column indices, so padding (the
+        # edge padding of the grid here, a caller's own through ``index``) copies no more than a tile.
+        rows, cols = index if index is not None else (np.arange(x.shape[2]), np.arange(x.shape[3]))
+        height, width = len(rows), len(cols)
         self.ys = tile_starts(height, tile, overlap, multiple)
         self.xs = tile_starts(width, tile, overlap, multiple)
         self.tile_h = tile if len(self.ys) > 1 or height > tile else -(-height // multiple) * multiple
         self.tile_w = tile if len(self.xs) > 1 or width > tile else -(-width // multiple) * multiple
         pad_h = max(self.ys[-1] + self.tile_h - height, 0)
         pad_w = max(self.xs[-1] + self.tile_w - width, 0)
-        self.x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge") if pad_h or pad_w else x
+        self.x = x
+        self.rows, self.cols = np.pad(rows, (0, pad_h), mode="edge"), np.pad(cols, (0, pad_w), mode="edge")
         self.out_h, self.out_w = round((height + pad_h) * factor), round((width + pad_w) * factor)
         self.height, self.width = round(height * factor), round(width * factor)  # the output, cropped
+
+    def tile(self, y0: int, x0: int) -> np.ndarray:
+        """The (N, C, tile_h, tile_w) float32 input tile at (y0, x0), edge-padded where it overhangs."""
+        rows, cols = self.rows[y0:y0 + self.tile_h, None], self.cols[None, x0:x0 + self.tile_w]
+        return np.ascontiguousarray(self.x[:, :, rows, cols], dtype=np.float32)
 
     def run(self) -> np.ndarray:
         """(N, C, H', W'): the whole blended output, a view of one buffer of its (padded) size."""
@@ -121,7 +133,7 @@ class TiledBlend:
         for i, y0 in enumerate(self.ys):
             oy = round(y0 * factor)
             for j, x0 in enumerate(self.xs):
-                out = self.fn(np.ascontiguousarray(self.x[:, :, y0:y0 + self.tile_h, x0:x0 + self.tile_w]), (y0, x0))
+                out = self.fn(self.tile(y0, x0), (y0, x0))
                 if done == 0:  # every tile has the same size, so one window serves them all
                     self._start(out, whole)
                 elif out.shape[-2:] != (self.oh, self.ow):

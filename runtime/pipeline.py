@@ -161,7 +161,7 @@ class Restorer:
     def restore_stream(self, image: np.ndarray, bucket: int | None = None,
                        tiling: Tiling = Tiling()) -> RestoreStream:
         """``restore`` with the output handed over a band of finished rows at a time: a tiled
-        restore then holds two rows of tiles' output instead of the whole image. The same
+        restore then holds one row of tiles' output instead of the whole image. The same
         values as ``restore``, bit for bit."""
         _check_image(image)
         scores = self.scores(image)

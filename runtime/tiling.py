@@ -6,7 +6,7 @@ and sizes are multiples of ``multiple``, weights every output tile with a smooth
 or linear ramps) and divides by the summed weights, so overlaps blend without seams and an
 identity function reproduces its input. Working memory is one tile's run plus one float32
 accumulator of the output's size (12 bytes per output pixel for RGB), or, when the output is
-taken a band of rows at a time (``TiledBlend.bands``), two rows of tiles' output: bounded for
+taken a band of rows at a time (``TiledBlend.bands``), one row of tiles' output: bounded for
 any image height. The windows are separable and the tiles a full grid, so the summed weights
 are the outer product of two vectors and need no buffer of the output's size.
 """
@@ -87,8 +87,8 @@ class TiledBlend:
     row's first tile are final.
 
     ``bands()`` yields those finished rows as (N, C, rows, W') float32 arrays, valid until the next
-    one, while holding only two rows of tiles' output (the row being blended and the overlap it
-    hands on): what ``mordasr-run`` streams into a PNG. ``run()`` blends into one buffer of the
+    one, while holding one row of tiles' output (the overlap with the next row shifted up in place
+    once a band is handed over): what ``mordasr-run`` streams into a PNG. ``run()`` blends into one buffer of the
     output's size instead and returns it: the same values, bit for bit.
     """
 
@@ -138,10 +138,10 @@ class TiledBlend:
                     self._start(out, whole)
                 elif out.shape[-2:] != (self.oh, self.ow):
                     raise ValueError(f"tile outputs differ in size: {out.shape[-2:]} after {(self.oh, self.ow)}")
-                elif j == 0 and not whole:  # a new row of tiles: carry the rows it shares with the last
-                    carried = self._buffer[:, :, oy - self._base:]
-                    self._buffer = np.zeros(self._buffer.shape, np.float32)
-                    self._buffer[:, :, : carried.shape[2]] = carried
+                elif j == 0 and not whole:  # a new row of tiles: shift up the rows it shares with the last
+                    keep = self._buffer.shape[2] - (oy - self._base)
+                    self._buffer[:, :, :keep] = self._buffer[:, :, oy - self._base:]
+                    self._buffer[:, :, keep:] = 0
                     self._base = oy
                 ox = round(x0 * factor)
                 self._buffer[:, :, oy - self._base:oy - self._base + self.oh, ox:ox + self.ow] += out * self.w

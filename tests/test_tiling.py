@@ -99,7 +99,7 @@ def test_bands_are_the_blended_output_bit_for_bit(height, width, tile_units, ove
 
 def test_bands_hold_two_rows_of_tiles_however_tall_the_image():
     """Tracked numpy allocations while taking a 512 px wide output band by band: the same peak
-    for 2048 and 8192 rows (two rows of tiles' output, 512 rows each, not the image)."""
+    for 2048 and 8192 rows (one row of tiles' output, 256 rows, and tile-sized temporaries)."""
     import tracemalloc
 
     def peak(lr_height: int) -> int:

@@ -1,4 +1,5 @@
-"""Image decoding and encoding with Pillow: float32 RGB in [0, 1], atomic writes.
+"""Image decoding and encoding with Pillow: 8-bit pixels kept as decoded (uint8) until a tile or
+a caller converts them to float32 RGB in [0, 1] (``as_float``), atomic writes.
 
 Errors are ``ImageError`` with a one-line reason. Decompression bombs and images above
 ``max_pixels`` are refused before their pixels are decoded. ``read_image_full`` also keeps what
@@ -28,8 +29,10 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
-def _to_float_rgb(img: Image.Image) -> np.ndarray:
-    """Colour channels as float32 (H, W, 3) in [0, 1]; transparent modes give straight colour."""
+def _colour_pixels(img: Image.Image) -> np.ndarray:
+    """Colour channels (H, W, 3): uint8 as decoded for 8-bit modes (3 bytes a pixel, where float
+    would take 12: a large photograph stays small until its tiles are converted), float32 in
+    [0, 1] for 16-bit and float modes. Transparent modes give straight colour."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         arr = arr / (65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0)
@@ -38,11 +41,18 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
         arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         return np.repeat(arr[..., None], 3, axis=-1)
     if _has_alpha(img):
-        rgb = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
-    else:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
-        rgb /= 255.0  # in place: a large photograph's float copy is held once, not twice
-    return rgb
+        return np.asarray(img.convert("RGBA"))[..., :3]
+    return np.asarray(img.convert("RGB"))
+
+
+def as_float(image: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1]: uint8 pixels divided by 255 (the same rounding wherever an image is
+    converted, whole or a tile at a time), floats as they are."""
+    if image.dtype == np.uint8:
+        out = image.astype(np.float32)
+        out /= 255.0
+        return out
+    return np.asarray(image, dtype=np.float32)
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -51,17 +61,24 @@ def _has_alpha(img: Image.Image) -> bool:
 
 @dataclass
 class DecodedImage:
-    rgb: np.ndarray  # float32 (H, W, 3) in [0, 1]; straight (not premultiplied) colour
+    pixels: np.ndarray  # (H, W, 3) straight (not premultiplied) colour: uint8, or float32 in [0, 1] (16-bit)
     alpha: np.ndarray | None  # float32 (H, W) in [0, 1], or None
     bit_depth: int  # 8 or 16 (per channel, of the source)
     icc_profile: bytes | None
     exif: bytes | None  # orientation reset to 1
     frames: int  # > 1 for animations: only the first frame is restored
 
+    @property
+    def rgb(self) -> np.ndarray:
+        """float32 (H, W, 3) in [0, 1] (a new array for 8-bit sources)."""
+        return as_float(self.pixels)
+
     def composited(self) -> np.ndarray:
-        """RGB over white (what the network sees when alpha is not kept separately)."""
+        """RGB over white (what the network sees when alpha is not kept separately): the decoded
+        pixels themselves when there is no alpha (uint8 for 8-bit sources; ``Restorer`` takes
+        them as they are), float32 in [0, 1] otherwise."""
         if self.alpha is None:
-            return self.rgb
+            return self.pixels
         a = self.alpha[..., None]
         return self.rgb * a + (1.0 - a)
 
@@ -71,7 +88,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     Transparent images are composited over white; ``read_image_full`` keeps the alpha instead.
     """
-    return read_image_full(path, max_pixels).composited()
+    return as_float(read_image_full(path, max_pixels).composited())
 
 
 def read_image_full(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -94,7 +111,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX
         decoded = _decode_png16(data, name, max_pixels)
     else:
         decoded = _decode_pillow(data, name, max_pixels)
-    if not np.isfinite(decoded.rgb).all():
+    if decoded.pixels.dtype != np.uint8 and not np.isfinite(decoded.pixels).all():
         raise ImageError(f"{name}: image holds non-finite values")
     return decoded
 
@@ -117,7 +134,7 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> DecodedImage:
                          if _has_alpha(img) else None)
                 if exif:
                     exif[0x0112] = 1  # orientation: the pixels are upright now
-                return DecodedImage(_to_float_rgb(img), alpha,
+                return DecodedImage(_colour_pixels(img), alpha,
                                     16 if img.mode.startswith("I;16") or img.mode == "I" else 8,
                                     img.info.get("icc_profile"), exif.tobytes() if exif else None, frames)
     except ImageError:

@@ -23,6 +23,7 @@ from mordasr.runtime.images import (
     OUTPUT_FORMATS,
     DecodedImage,
     all_finite,
+    as_float,
     decode_image,
     encode_image,
     quantize,
@@ -76,7 +77,7 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
     results = restorer.restore_batch(inputs, options.tiling)
     restored = []
     for d, k, image, result in zip(decoded, keep, inputs, results):
-        fixed = color_fix_image(result.image, image, options.color_fix)
+        fixed = color_fix_image(result.image, as_float(image), options.color_fix)
         h, w = fixed.shape[:2]
         restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, _bit_depth(d, options),
                                  d.icc_profile, d.exif, result.scores, result.bucket,

@@ -21,7 +21,7 @@ import numpy as np
 
 from mordasr.errors import ImageError, MordasrError
 from mordasr.runtime.backends import create_backend
-from mordasr.runtime.images import resize
+from mordasr.runtime.images import as_float, resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
 from mordasr.runtime.routing import nearest_bucket, router_windows
 from mordasr.runtime.tiling import TiledBlend, Tiling
@@ -59,8 +59,8 @@ def _router_views(image: np.ndarray, size: int) -> np.ndarray:
     """(K, size, size, 3): the native-resolution windows the router scores, or the image resized."""
     windows = router_windows(image.shape[0], image.shape[1], size)
     if windows is None:
-        return resize(image, size, size).clip(0, 1)[None]
-    return np.stack([image[y:y + size, x:x + size] for y, x in windows])
+        return resize(as_float(image), size, size).clip(0, 1)[None]
+    return np.stack([as_float(image[y:y + size, x:x + size]) for y, x in windows])
 
 
 class Restorer:
@@ -146,7 +146,7 @@ class Restorer:
 
     def restore(self, image: np.ndarray, bucket: int | None = None,
                 tiling: Tiling = Tiling()) -> RestoreResult:
-        """Super-resolve one low-resolution image (H, W, 3) float in [0, 1].
+        """Super-resolve one low-resolution image (H, W, 3): float in [0, 1], or uint8 (0-255).
 
         ``bucket`` forces a folded bundle's bucket instead of the router's nearest one. Images
         with a side above ``tiling.tile`` LR pixels (default: the bundle profile's largest output
@@ -237,7 +237,7 @@ class Restorer:
     def _pad(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""
         rows, cols = self._padded_index(*image.shape[:2])
-        return np.ascontiguousarray(image[rows[:, None], cols].transpose(2, 0, 1)[None], dtype=np.float32)
+        return np.ascontiguousarray(as_float(image[rows[:, None], cols]).transpose(2, 0, 1)[None])
 
     def _restore_whole(self, x: np.ndarray, bucket: int | None, score_feed: np.ndarray) -> np.ndarray:
         # 3. encoder (bicubic upsample inside the graph) -> latent mean
@@ -289,7 +289,7 @@ class Restorer:
 
 
 def _warn_if_flat(low: float, high: float, image: np.ndarray) -> None:
-    if high - low < 1 / 255 and np.ptp(image) > 0.05:
+    if high - low < 1 / 255 and np.ptp(image) > 0.05 * (255 if image.dtype == np.uint8 else 1):
         log.warning("the restored image is flat (every pixel about %.3f) while the input is not: "
                     "a graph may have overflowed; compare with the FP32 bundle or --compare-backends",
                     (low + high) / 2)
@@ -298,3 +298,5 @@ def _warn_if_flat(low: float, high: float, image: np.ndarray) -> None:
 def _check_image(image: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ImageError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+        raise ImageError(f"expected a float image in [0, 1] or a uint8 one, got {image.dtype}")

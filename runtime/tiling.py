@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mordasr.runtime.images import as_float
+
 WINDOWS = ("gaussian", "linear")
 
 
@@ -113,9 +115,10 @@ class TiledBlend:
         self.height, self.width = round(height * factor), round(width * factor)  # the output, cropped
 
     def tile(self, y0: int, x0: int) -> np.ndarray:
-        """The (N, C, tile_h, tile_w) float32 input tile at (y0, x0), edge-padded where it overhangs."""
+        """The (N, C, tile_h, tile_w) float32 input tile at (y0, x0), edge-padded where it overhangs
+        (a uint8 ``x`` converted to [0, 1] a tile at a time)."""
         rows, cols = self.rows[y0:y0 + self.tile_h, None], self.cols[None, x0:x0 + self.tile_w]
-        return np.ascontiguousarray(self.x[:, :, rows, cols], dtype=np.float32)
+        return np.ascontiguousarray(as_float(self.x[:, :, rows, cols]))
 
     def run(self) -> np.ndarray:
         """(N, C, H', W'): the whole blended output, a view of one buffer of its (padded) size."""

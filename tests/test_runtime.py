@@ -57,6 +57,26 @@ def test_odd_sizes_are_padded_and_cropped(shape, folded_bundle, rng):
 def test_restore_rejects_wrong_layout(folded_bundle):
     with pytest.raises(ImageError, match="expected an"):
         Restorer(folded_bundle).restore(np.zeros((4, 4), np.float32))
+    with pytest.raises(ImageError, match="float image in .0, 1. or a uint8 one, got int32"):
+        Restorer(folded_bundle).restore(np.zeros((4, 4, 3), np.int32))
+
+
+@pytest.mark.parametrize("tile", [0, 16])
+def test_uint8_pixels_restore_exactly_like_their_float_decoding(tile, folded_bundle, rng):
+    """8-bit images are held as decoded (3 bytes a pixel) and converted a tile or a router window
+    at a time: the result equals the restore of the whole image converted first, bit for bit."""
+    from mordasr.runtime.images import as_float
+
+    pixels = rng.integers(0, 256, (70, 45, 3), dtype=np.uint8)  # router: one 64 px window
+    small = pixels[:30, :20]  # router: the image resized
+    restorer = Restorer(folded_bundle)
+    tiling = Tiling(tile=tile, overlap=4)
+    for image in (pixels, small):
+        from_bytes = restorer.restore(image, tiling=tiling)
+        from_floats = restorer.restore(as_float(image), tiling=tiling)
+        assert np.array_equal(from_bytes.image, from_floats.image) and from_bytes.bucket == from_floats.bucket
+        assert np.array_equal(from_bytes.scores, from_floats.scores)
+    assert np.array_equal(as_float(pixels), pixels.astype(np.float32) / 255.0)
 
 
 def test_nearest_bucket():

@@ -42,7 +42,7 @@ def _colour_pixels(img: Image.Image) -> np.ndarray:
         return np.repeat(arr[..., None], 3, axis=-1)
     if _has_alpha(img):
         return np.asarray(img.convert("RGBA"))[..., :3]
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def as_float(image: np.ndarray) -> np.ndarray:
@@ -129,7 +129,7 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> DecodedImage:
                 frames = getattr(img, "n_frames", 1)
                 img.load()
                 exif = img.getexif()
-                img = ImageOps.exif_transpose(img)
+                ImageOps.exif_transpose(img, in_place=True)  # a copy of a large photograph saved
                 alpha = (np.asarray(img.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
                          if _has_alpha(img) else None)
                 if exif:

@@ -161,6 +161,13 @@ def _decode_png16(data: bytes, name: str, max_pixels: int) -> DecodedImage:
 
 
 ROWS_PER_BAND = 256  # rows converted at once: full-size images need no full-size float temporaries
+BAND_BYTES = 16 << 20  # and at most this many bytes of them, for very wide images
+
+
+def _bands(image: np.ndarray) -> range:
+    """Starts of the row bands ``quantize`` and ``all_finite`` take at once."""
+    row_bytes = max(1, image[:1].size * image.itemsize)
+    return range(0, len(image), max(1, min(ROWS_PER_BAND, BAND_BYTES // row_bytes)))
 
 
 def quantize(image: np.ndarray, dtype: type = np.uint8) -> np.ndarray:
@@ -168,11 +175,12 @@ def quantize(image: np.ndarray, dtype: type = np.uint8) -> np.ndarray:
     (any layout, including strided views)."""
     top = float(np.iinfo(dtype).max)
     out = np.empty(image.shape, dtype=dtype)
-    for start in range(0, len(image), ROWS_PER_BAND):
-        band = np.clip(image[start:start + ROWS_PER_BAND], 0.0, 1.0)
+    bands = _bands(image)
+    for start in bands:
+        band = np.clip(image[start:start + bands.step], 0.0, 1.0)
         band *= top
         band += 0.5
-        out[start:start + ROWS_PER_BAND] = band  # truncates, as astype does
+        out[start:start + bands.step] = band  # truncates, as astype does
     return out
 
 
@@ -183,8 +191,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def all_finite(image: np.ndarray) -> bool:
     """No NaN or inf, checked a band of rows at a time."""
-    return all(np.isfinite(image[start:start + ROWS_PER_BAND]).all()
-               for start in range(0, len(image), ROWS_PER_BAND))
+    bands = _bands(image)
+    return all(np.isfinite(image[start:start + bands.step]).all() for start in bands)
 
 
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")

@@ -13,15 +13,17 @@ import io
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mordasr.errors import ImageError, ImageTooLarge
 from mordasr.runtime.atomic import atomic_write
-from mordasr.runtime.png import decode_png16, encode_png, is_png16_color_data
+from mordasr.runtime.png import PngWriter, decode_png16, is_png16_color_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -232,8 +234,11 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
-    if fmt == "PNG":  # the writer mordasr-run streams with: the same bytes either way
-        return encode_png(quantize(channels, np.uint16 if bit_depth == 16 else np.uint8), icc_profile, exif)
+    if fmt == "PNG":
+        buffer = io.BytesIO()
+        height, width, depth = channels.shape
+        write_png_bands(buffer, [channels], width, height, depth, bit_depth, icc_profile, exif)
+        return buffer.getvalue()
     options = {}
     if icc_profile and fmt in ICC_FORMATS:
         options["icc_profile"] = icc_profile
@@ -244,6 +249,20 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     buffer = io.BytesIO()
     Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def write_png_bands(stream: BinaryIO, bands: Iterable[np.ndarray], width: int, height: int, channels: int = 3,
+                    bit_depth: int = 8, icc_profile: bytes | None = None, exif: bytes | None = None) -> None:
+    """Float (rows, W, C) bands in [0, 1], top to bottom, as one PNG: each band checked for NaN,
+    rounded to ``bit_depth`` and compressed before the next is asked for. ``encode_image`` writes
+    a whole image as one band and ``mordasr-run`` a tiled restore as its rows finish, so the bytes
+    are the same either way."""
+    writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
+    for rows in bands:
+        if not all_finite(rows):
+            raise ImageError("refusing to write an image with NaN or inf values")
+        writer.write(quantize(rows, np.uint16 if bit_depth == 16 else np.uint8))
+    writer.close()
 
 
 def upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -22,17 +22,15 @@ from mordasr.runtime.images import (
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
     DecodedImage,
-    all_finite,
     as_float,
     decode_image,
     encode_image,
-    quantize,
     read_image_full,
     upscale_alpha,
     write_image,
+    write_png_bands,
 )
 from mordasr.runtime.pipeline import Restorer
-from mordasr.runtime.png import PngWriter
 from mordasr.runtime.tiling import Tiling
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -110,13 +108,11 @@ def _restore_to_png(restorer: Restorer, decoded: DecodedImage, dst: Path, option
     stream = restorer.restore_stream(image, tiling=options.tiling)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
-    with atomic_open(dst) as file:
-        writer = PngWriter(file, width, height, 3, depth, decoded.icc_profile, decoded.exif)
-        for rows in stream.bands:
-            if not all_finite(rows):
-                raise ImageError(f"{dst}: refusing to write an image with NaN or inf values")
-            writer.write(quantize(rows, np.uint16 if depth == 16 else np.uint8))
-        writer.close()
+    try:
+        with atomic_open(dst) as file:
+            write_png_bands(file, stream.bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
+    except ImageError as err:
+        raise ImageError(f"{dst}: {err}") from None
     return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,
                     (image.shape[1], image.shape[0]), (width, height), decoded.frames)
 

@@ -19,16 +19,31 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 class _Reporter:
-    """Prints each file's line (or error) and a tqdm bar with images/s and ETA for several files;
-    keeps the failures for the summary."""
+    """Prints each file's line (or error), a tqdm bar with images/s and ETA for several files, and
+    one with tiles/s and ETA while a tiled image restores (minutes for a large photograph on a
+    CPU); keeps the failures for the summary."""
 
     def __init__(self, total: int, quiet: bool) -> None:
         self.quiet, self.failures = quiet, []
-        self.progress = None
+        self.progress = self.tiles = None
         if total > 1 and not quiet:
             from tqdm import tqdm
 
             self.progress = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+    def tile(self, done: int, total: int) -> None:
+        if self.quiet or total < 2:
+            return
+        if self.tiles is None or done <= self.tiles.n:  # a new image (the last may have failed midway)
+            from tqdm import tqdm
+
+            if self.tiles is not None:
+                self.tiles.close()
+            self.tiles = tqdm(total=total, unit="tile", leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.tiles.update(done - self.tiles.n)
+        if done == total:
+            self.tiles.close()
+            self.tiles = None
 
     def __call__(self, src, error: str, message: str) -> None:
         if error:
@@ -43,8 +58,9 @@ class _Reporter:
             self.progress.update(1)
 
     def close(self) -> None:
-        if self.progress:
-            self.progress.close()
+        for bar in (self.tiles, self.progress):
+            if bar:
+                bar.close()
 
 
 def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> None:
@@ -187,7 +203,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
         if not quiet:
             for warning in restorer.device_warnings():
                 click.echo(f"mordasr-run: warning: {warning}", err=True)
-        restore_files(restorer, jobs, job_options, on_result=reporter)
+        restore_files(restorer, jobs, job_options, on_result=reporter, on_tile=reporter.tile)
     reporter.close()
     if use_ray and not quiet:
         click.echo(f"ray: {summary.done} restored by {summary.workers} workers in {summary.seconds:.1f} s")

@@ -30,7 +30,7 @@ from mordasr.runtime.images import (
     write_image,
     write_png_bands,
 )
-from mordasr.runtime.pipeline import Restorer
+from mordasr.runtime.pipeline import Progress, Restorer
 from mordasr.runtime.tiling import Tiling
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -68,11 +68,12 @@ class Restored:
         return encode_image(self.image, fmt, self.alpha, self.bit_depth, self.icc_profile, self.exif)
 
 
-def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: RestoreOptions) -> list[Restored]:
+def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: RestoreOptions,
+                    on_tile: Progress | None = None) -> list[Restored]:
     """Restore decoded images; several go through ``Restorer.restore_batch`` together."""
     keep = [d.alpha is not None and options.keep_alpha for d in decoded]
     inputs = [d.rgb if k else d.composited() for d, k in zip(decoded, keep)]
-    results = restorer.restore_batch(inputs, options.tiling)
+    results = restorer.restore_batch(inputs, options.tiling, on_tile)
     restored = []
     for d, k, image, result in zip(decoded, keep, inputs, results):
         fixed = color_fix_image(result.image, as_float(image), options.color_fix)
@@ -87,7 +88,8 @@ def _bit_depth(decoded: DecodedImage, options: RestoreOptions) -> int:
     return decoded.bit_depth if options.bit_depth == "auto" else int(options.bit_depth)
 
 
-def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptions) -> Restored:
+def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptions,
+                 on_tile: Progress | None = None) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
 
     A PNG without colour fix or alpha is written a band of rows at a time as the tiles finish
@@ -97,15 +99,16 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
     streams = (OUTPUT_FORMATS.get(dst.suffix.lower()) == "PNG" and options.color_fix == "none"
                and not (decoded.alpha is not None and options.keep_alpha))
     if streams:
-        return _restore_to_png(restorer, decoded, dst, options)
-    (restored,) = restore_decoded(restorer, [decoded], options)
+        return _restore_to_png(restorer, decoded, dst, options, on_tile)
+    (restored,) = restore_decoded(restorer, [decoded], options, on_tile)
     write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
     return restored
 
 
-def _restore_to_png(restorer: Restorer, decoded: DecodedImage, dst: Path, options: RestoreOptions) -> Restored:
+def _restore_to_png(restorer: Restorer, decoded: DecodedImage, dst: Path, options: RestoreOptions,
+                    on_tile: Progress | None) -> Restored:
     image = decoded.composited()
-    stream = restorer.restore_stream(image, tiling=options.tiling)
+    stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
     try:
@@ -158,13 +161,14 @@ def plan_jobs(input_path: Path, output: Path, fmt: str | None) -> list[tuple[Pat
 
 
 def restore_files(restorer: Restorer, jobs: list[tuple[Path, Path]], options: RestoreOptions,
-                  on_result: Callable[[Path, str, str], None]) -> None:
-    """Restore each (src, dst) in turn; ``on_result(src, error, line)`` hears of each. A file that
-    fails is reported and the run goes on (a long folder should not stop at one bad image)."""
+                  on_result: Callable[[Path, str, str], None], on_tile: Progress | None = None) -> None:
+    """Restore each (src, dst) in turn; ``on_result(src, error, line)`` hears of each, and
+    ``on_tile(done, total)`` of each tile of a tiled one. A file that fails is reported and the
+    run goes on (a long folder should not stop at one bad image)."""
     for src, dst in jobs:
         start = time.perf_counter()
         try:
-            restored = restore_file(restorer, src, dst, options)
+            restored = restore_file(restorer, src, dst, options, on_tile)
         except Exception as err:
             on_result(src, failure_reason(src, err), "")
         else:

@@ -53,6 +53,8 @@ class RestoreStream:
 
 # Called after each graph run with (graph, feeds, output); calibration and reports use it.
 Tap = Callable[[GraphSpec, dict, np.ndarray], None]
+# Called after each tile of a tiled restore with (tiles done, tiles in all); mordasr-run's bar.
+Progress = Callable[[int, int], None]
 
 
 def _router_views(image: np.ndarray, size: int) -> np.ndarray:
@@ -144,28 +146,29 @@ class Restorer:
         largest = self.manifest.profile.get("max") if self.manifest.profile else None
         return min(largest) // self.scale if largest else None
 
-    def restore(self, image: np.ndarray, bucket: int | None = None,
-                tiling: Tiling = Tiling()) -> RestoreResult:
+    def restore(self, image: np.ndarray, bucket: int | None = None, tiling: Tiling = Tiling(),
+                on_tile: Progress | None = None) -> RestoreResult:
         """Super-resolve one low-resolution image (H, W, 3): float in [0, 1], or uint8 (0-255).
 
         ``bucket`` forces a folded bundle's bucket instead of the router's nearest one. Images
         with a side above ``tiling.tile`` LR pixels (default: the bundle profile's largest output
         / scale) run in overlapping tiles (``tiling.overlap`` LR pixels, default tile / 4) blended
         with ``tiling.window``; ``tiling.per_tile_routing`` scores each tile instead of the whole image.
+        ``on_tile(done, total)`` hears of each tile restored.
         """
         _check_image(image)
         # 1. router: degradation scores of the whole image (a downscaled view)
         scores = self.scores(image)
-        return self._restore_scored(image, scores, bucket, tiling)
+        return self._restore_scored(image, scores, bucket, tiling, on_tile)
 
-    def restore_stream(self, image: np.ndarray, bucket: int | None = None,
-                       tiling: Tiling = Tiling()) -> RestoreStream:
+    def restore_stream(self, image: np.ndarray, bucket: int | None = None, tiling: Tiling = Tiling(),
+                       on_tile: Progress | None = None) -> RestoreStream:
         """``restore`` with the output handed over a band of finished rows at a time: a tiled
         restore then holds one row of tiles' output instead of the whole image. The same
         values as ``restore``, bit for bit."""
         _check_image(image)
         scores = self.scores(image)
-        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling)
+        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling, on_tile)
         height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
         if blend is None:
             bands = iter([self._crop(self._restore_whole(x, bucket, score_feed)[0], image)])
@@ -174,13 +177,13 @@ class Restorer:
         return RestoreStream(bands, (height, width), scores, bucket)
 
     def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
-                        tiling: Tiling) -> RestoreResult:
-        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling)
+                        tiling: Tiling, on_tile: Progress | None = None) -> RestoreResult:
+        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling, on_tile)
         out = self._restore_whole(x, bucket, score_feed) if blend is None else blend.run()  # 3.-6.
         return RestoreResult(self._crop(out[0], image), scores, bucket)
 
-    def _plan(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
-              tiling: Tiling) -> tuple[int | None, np.ndarray | None, TiledBlend | None, np.ndarray]:
+    def _plan(self, image: np.ndarray, scores: np.ndarray, bucket: int | None, tiling: Tiling,
+              on_tile: Progress | None) -> tuple[int | None, np.ndarray | None, TiledBlend | None, np.ndarray]:
         """(bucket, the padded input or its tiles, the scores feed) for one image."""
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
@@ -190,10 +193,11 @@ class Restorer:
         if not (tile and max(len(rows), len(cols)) > tile):
             return bucket, self._pad(image), None, score_feed
         # tiles are gathered from the image itself: no padded copy of a large input is made
-        blend = self._tiled(image.transpose(2, 0, 1)[None], (rows, cols), bucket, score_feed, tile, tiling)
+        blend = self._tiled(image.transpose(2, 0, 1)[None], (rows, cols), bucket, score_feed, tile, tiling, on_tile)
         return (None if tiling.per_tile_routing else bucket), None, blend, score_feed
 
-    def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling()) -> list[RestoreResult]:
+    def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling(),
+                      on_tile: Progress | None = None) -> list[RestoreResult]:
         """Several images at once (a server's dynamic batch): one router call for all, then one
         call per graph for each group of images with the same size and bucket. Images larger
         than the tile run alone, as in ``restore``."""
@@ -209,7 +213,7 @@ class Restorer:
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(padded):
             if tile and max(x.shape[-2:]) > tile:
-                results[i] = self._restore_scored(images[i], scores[i], None, tiling)
+                results[i] = self._restore_scored(images[i], scores[i], None, tiling, on_tile)
             else:
                 groups.setdefault((x.shape, buckets[i]), []).append(i)
         for (_, bucket), members in groups.items():
@@ -270,7 +274,7 @@ class Restorer:
         _warn_if_flat(low, high, image)
 
     def _tiled(self, x: np.ndarray, index: tuple[np.ndarray, np.ndarray], bucket: int | None,
-               score_feed: np.ndarray, tile: int, tiling: Tiling) -> TiledBlend:
+               score_feed: np.ndarray, tile: int, tiling: Tiling, on_tile: Progress | None) -> TiledBlend:
         """The same steps 3.-6. on overlapping LR tiles, each restored end to end and blended:
         into one output buffer (``run``, memory linear in pixels) or a band of rows at a time
         (``bands``, bounded memory)."""
@@ -285,7 +289,7 @@ class Restorer:
             tile_scores = self.scores(t[0].transpose(1, 2, 0))
             return self._restore_whole(t, self.route(tile_scores), tile_scores[None].astype(np.float32))
 
-        return TiledBlend(restore_tile, x, tile, overlap, self.scale, m, tiling.window, index=index)
+        return TiledBlend(restore_tile, x, tile, overlap, self.scale, m, tiling.window, on_tile, index)
 
 
 def _warn_if_flat(low: float, high: float, image: np.ndarray) -> None:

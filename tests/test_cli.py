@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,18 @@ def test_run_single_image(folded_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out.png").size == (40, 32)
     assert "bucket" in result.stdout
+
+
+def test_run_shows_tile_progress_for_a_tiled_image_and_not_when_quiet(folded_bundle, tmp_path):
+    """A large photograph takes minutes on a CPU: its tiles get a bar (tiles/s, ETA) on stderr,
+    gone when the image is done; -q prints nothing; the file is the same either way."""
+    src = _image(tmp_path / "in.png", (40, 30))
+    loud = _run([src, "-o", tmp_path / "loud.png", "--bundle", folded_bundle, "--tile", "16"])
+    assert loud.exit_code == 0, loud.output
+    assert re.search(r"\d/9 \[", loud.stderr) and "tile/s" in loud.stderr  # 3 x 3 tiles of 16 LR px
+    quiet = _run([src, "-o", tmp_path / "quiet.png", "--bundle", folded_bundle, "--tile", "16", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    assert (tmp_path / "loud.png").read_bytes() == (tmp_path / "quiet.png").read_bytes()
 
 
 def test_run_bad_inputs_fail_with_one_line_and_no_output(folded_bundle, tmp_path):

@@ -189,8 +189,8 @@ def test_png_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle
     with Image.open(tmp_path / "out-photo.png") as img:
         assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"
 
-    def failing_stream(self, image, bucket=None, tiling=Tiling()):
-        good = real_stream(self, image, bucket, tiling)
+    def failing_stream(self, image, bucket=None, tiling=Tiling(), on_tile=None):
+        good = real_stream(self, image, bucket, tiling, on_tile)
         first = next(good.bands)
         broken = first.copy()
         broken[0, 0, 0] = np.nan

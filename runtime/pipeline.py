@@ -208,14 +208,16 @@ class Restorer:
         tile = tiling.tile if tiling.tile is not None else self.default_tile()
         scores = self.scores_batch(images)
         buckets = [self.route(s) for s in scores]
-        padded = [self._pad(image) for image in images]
+        padded: dict[int, np.ndarray] = {}  # only the images restored whole: a tiled one is never copied
         results: list[RestoreResult | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
-        for i, x in enumerate(padded):
-            if tile and max(x.shape[-2:]) > tile:
-                results[i] = self._restore_scored(images[i], scores[i], None, tiling, on_tile)
+        for i, image in enumerate(images):
+            rows, cols = self._padded_index(*image.shape[:2])
+            if tile and max(len(rows), len(cols)) > tile:
+                results[i] = self._restore_scored(image, scores[i], None, tiling, on_tile)
             else:
-                groups.setdefault((x.shape, buckets[i]), []).append(i)
+                padded[i] = self._pad(image)
+                groups.setdefault((padded[i].shape, buckets[i]), []).append(i)
         for (_, bucket), members in groups.items():
             out = self._restore_whole(np.concatenate([padded[i] for i in members]), bucket,
                                       scores[members].astype(np.float32))

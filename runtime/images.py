@@ -197,6 +197,7 @@ def all_finite(image: np.ndarray) -> bool:
     return all(np.isfinite(image[start:start + bands.step]).all() for start in bands)
 
 
+NON_FINITE = "refusing to write an image with NaN or inf values"
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
 ICC_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF")
 EXIF_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -228,17 +229,17 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     if fmt not in OUTPUT_FORMATS.values():
         known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
         raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
-    if not all_finite(image) or (alpha is not None and not all_finite(alpha)):
-        raise ImageError("refusing to write an image with NaN or inf values")
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
-    if fmt == "PNG":
+    if fmt == "PNG":  # checked for NaN band by band as it is written
         buffer = io.BytesIO()
         height, width, depth = channels.shape
         write_png_bands(buffer, [channels], width, height, depth, bit_depth, icc_profile, exif)
         return buffer.getvalue()
+    if not all_finite(channels):  # a NaN or inf in the image or the alpha reaches the channels
+        raise ImageError(NON_FINITE)
     options = {}
     if icc_profile and fmt in ICC_FORMATS:
         options["icc_profile"] = icc_profile
@@ -260,7 +261,7 @@ def write_png_bands(stream: BinaryIO, bands: Iterable[np.ndarray], width: int, h
     writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
     for rows in bands:
         if not all_finite(rows):
-            raise ImageError("refusing to write an image with NaN or inf values")
+            raise ImageError(NON_FINITE)
         writer.write(quantize(rows, np.uint16 if bit_depth == 16 else np.uint8))
     writer.close()
 

@@ -168,33 +168,33 @@ class Restorer:
         values as ``restore``, bit for bit."""
         _check_image(image)
         scores = self.scores(image)
-        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling, on_tile)
+        bucket, score_feed, blend = self._plan(image, scores, bucket, tiling, on_tile)
         height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
         if blend is None:
-            bands = iter([self._crop(self._restore_whole(x, bucket, score_feed)[0], image)])
+            bands = iter([self._crop(self._restore_whole(self._pad(image), bucket, score_feed)[0], image)])
         else:
             bands = self._cropped_bands(blend, image)
         return RestoreStream(bands, (height, width), scores, bucket)
 
     def _restore_scored(self, image: np.ndarray, scores: np.ndarray, bucket: int | None,
                         tiling: Tiling, on_tile: Progress | None = None) -> RestoreResult:
-        bucket, x, blend, score_feed = self._plan(image, scores, bucket, tiling, on_tile)
-        out = self._restore_whole(x, bucket, score_feed) if blend is None else blend.run()  # 3.-6.
+        bucket, score_feed, blend = self._plan(image, scores, bucket, tiling, on_tile)
+        out = self._restore_whole(self._pad(image), bucket, score_feed) if blend is None else blend.run()  # 3.-6.
         return RestoreResult(self._crop(out[0], image), scores, bucket)
 
     def _plan(self, image: np.ndarray, scores: np.ndarray, bucket: int | None, tiling: Tiling,
-              on_tile: Progress | None) -> tuple[int | None, np.ndarray | None, TiledBlend | None, np.ndarray]:
-        """(bucket, the padded input or its tiles, the scores feed) for one image."""
+              on_tile: Progress | None) -> tuple[int | None, np.ndarray, TiledBlend | None]:
+        """(bucket, the scores feed, the image's tiles or None when it runs in one piece)."""
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
-        rows, cols = self._padded_index(*image.shape[:2])
         tile = tiling.tile if tiling.tile is not None else self.default_tile()
-        if not (tile and max(len(rows), len(cols)) > tile):
-            return bucket, self._pad(image), None, score_feed
+        index = self._tiled_index(image, tile)
+        if index is None:
+            return bucket, score_feed, None
         # tiles are gathered from the image itself: no padded copy of a large input is made
-        blend = self._tiled(image.transpose(2, 0, 1)[None], (rows, cols), bucket, score_feed, tile, tiling, on_tile)
-        return (None if tiling.per_tile_routing else bucket), None, blend, score_feed
+        blend = self._tiled(image.transpose(2, 0, 1)[None], index, bucket, score_feed, tile, tiling, on_tile)
+        return (None if tiling.per_tile_routing else bucket), score_feed, blend
 
     def restore_batch(self, images: list[np.ndarray], tiling: Tiling = Tiling(),
                       on_tile: Progress | None = None) -> list[RestoreResult]:
@@ -212,8 +212,7 @@ class Restorer:
         results: list[RestoreResult | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
-            rows, cols = self._padded_index(*image.shape[:2])
-            if tile and max(len(rows), len(cols)) > tile:
+            if self._tiled_index(image, tile) is not None:
                 results[i] = self._restore_scored(image, scores[i], None, tiling, on_tile)
             else:
                 padded[i] = self._pad(image)
@@ -239,6 +238,12 @@ class Restorer:
         mode = "reflect" if min(height, width) > 1 else "edge"
         return (np.pad(np.arange(height), (0, (-height) % m), mode=mode),
                 np.pad(np.arange(width), (0, (-width) % m), mode=mode))
+
+    def _tiled_index(self, image: np.ndarray, tile: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The padded rows and columns of an image that needs tiles of ``tile`` LR pixels, or None
+        when it runs in one piece."""
+        rows, cols = self._padded_index(*image.shape[:2])
+        return (rows, cols) if tile and max(len(rows), len(cols)) > tile else None
 
     def _pad(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H', W') with H', W' padded (reflect) to the multiple the graphs need."""

@@ -114,6 +114,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     from mordasr.export.device_plan import device_record, export_to_fit, fit_to_device, make_plan, remove_bundles
     from mordasr.export.engine_script import write_engine_scripts
     from mordasr.export.engines import build_engines
+    from mordasr.export.memory import MIB, estimate_bundle
     from mordasr.model.io import load_checkpoint
     from mordasr.runtime.devices import load_device_profile
     from mordasr.runtime.manifest import load_manifest
@@ -186,7 +187,9 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         for path in written:
             bundle_manifest = load_manifest(path)
             path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
-            replace(bundle_manifest, device=device_record(plan, switch), memory=path_estimate.to_dict()).write(path)
+            cpu = estimate_bundle(path, bundle_manifest, path_estimate.output_size, runtime="onnxruntime-cpu")
+            memory = {**path_estimate.to_dict(), "onnxruntime_cpu_total_mib": round(cpu.total / MIB, 1)}
+            replace(bundle_manifest, device=device_record(plan, switch), memory=memory).write(path)
             write_engine_scripts(path, load_manifest(path), engine_options)
         written = []  # complete bundles from here on: an engine build failure keeps them
         if build_now:
@@ -210,6 +213,8 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
         for b in manifest.buckets:
             click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
         click.echo(estimate.table())
+        click.echo(f"  on ONNX Runtime's CPU backend (one shared arena): about "
+                   f"{final.memory['onnxruntime_cpu_total_mib']:.0f} MiB")
         if profile is not None:
             click.echo(f"device {profile.name}: budget {profile.budget_bytes / 2**20:.0f} MiB "
                        f"({profile.memory_budget:.0%} of {profile.memory_gib:g} GiB); bucket switch {switch}")

@@ -6,10 +6,16 @@ tensor headers only) and peak activation bytes at a given output size: shape inf
 profile's concrete input shapes, then a liveness walk over the nodes in order (a tensor lives from
 the node that makes it to the last node that reads it). For a mode and bucket count, the graphs
 held at once are summed: per-bucket graphs, one refitted graph plus a weight pack, or the
-``max_engines`` largest (the worst case of the runtime's LRU). TensorRT gives every execution
-context its own activation memory, so by default activations add up over held graphs; the
-runtime's ONNX Runtime backend shares one CPU arena among its sessions, which run one after
-another, so for it (``shared_arena=True``) the largest graph's activations are the peak.
+``max_engines`` largest (the worst case of the runtime's LRU).
+
+What a runtime adds to that differs by backend (``RuntimeCosts``). TensorRT gives every execution
+context its own activation memory, so activations add up over held graphs. The runtime's ONNX
+Runtime CPU backend shares one arena among its sessions, which run one after another, so the
+largest graph's activations are the peak; but that arena holds about twice the liveness peak
+(convolutions run in a blocked NCHWc layout through reorder copies the ONNX graph does not show,
+and regions sized for earlier, smaller tensors are not reused by later, larger ones), and loading
+onnxruntime itself costs a fixed amount. Those two figures are measured, not derived: see
+``ONNXRUNTIME_CPU``.
 """
 
 from __future__ import annotations
@@ -26,9 +32,31 @@ from mordasr.runtime.manifest import GraphSpec, Manifest
 from mordasr.runtime.trt_settings import profile_shapes
 
 MIB = 1 << 20
-# Fixed cost of each loaded graph beyond its tensors (measured: an ONNX Runtime CPU session of the
-# 0.2 MB tiny router peaks 12.5 MiB above the process before it).
-SESSION_OVERHEAD = 12 * MIB
+
+
+@dataclass(frozen=True)
+class RuntimeCosts:
+    """What a backend holds beyond the graphs' weights and their liveness peaks."""
+
+    name: str
+    shared_arena: bool  # sessions run one after another from one arena: the largest graph's activations
+    arena_factor: float  # resident bytes per byte of that liveness peak
+    base: int  # the runtime itself, loaded once per process
+    per_graph: int  # each loaded graph (session or execution context)
+
+
+# Not measurable here (no TensorRT on this project's machines): activations as the liveness walk
+# counts them, one context each, and a fixed 12 MiB per engine; the device profiles' memory
+# fraction leaves room for the CUDA context and TensorRT's libraries.
+TENSORRT = RuntimeCosts("tensorrt", shared_arena=False, arena_factor=1.0, base=0, per_graph=12 * MIB)
+# Fitted on 16 fresh-process peaks (VmHWM rise from before the runtime loads onnxruntime): the
+# tiny folded, gated and dense-LoRA bundles and a 4-bucket folded one, 4 to 10 graphs, 256-640 px
+# outputs, every graph run once. The rise grew 1.84-2.10 MiB per MiB of the largest graph's
+# liveness peak, and a least-squares intercept left about 50 MiB for onnxruntime and almost
+# nothing per session; with these figures every point was within 7.5 % (tests/test_edge_readiness.py).
+ONNXRUNTIME_CPU = RuntimeCosts("onnxruntime-cpu", shared_arena=True, arena_factor=2.0, base=50 * MIB,
+                               per_graph=1 * MIB)
+BACKENDS = {c.name: c for c in (TENSORRT, ONNXRUNTIME_CPU)}
 # Elementwise and view ops whose output can take the buffer of an input that dies at that node
 # (ONNX Runtime's planner reuses it; TensorRT fuses most of them away).
 IN_PLACE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Relu", "LeakyRelu", "Sigmoid",
@@ -143,7 +171,7 @@ class MemoryEstimate:
     held: list[str]  # graph keys held at once
     pack_bytes: int = 0  # refit: the largest weight pack per component, held on the host
     notes: list[str] = field(default_factory=list)
-    shared_arena: bool = False  # activations: the largest held graph's (one shared arena), not the sum
+    runtime: RuntimeCosts = TENSORRT
 
     @property
     def weights(self) -> int:
@@ -152,11 +180,12 @@ class MemoryEstimate:
     @property
     def activations(self) -> int:
         per_graph = [self.graphs[k].activations for k in self.held]
-        return max(per_graph, default=0) if self.shared_arena else sum(per_graph)
+        peak = max(per_graph, default=0) if self.runtime.shared_arena else sum(per_graph)
+        return int(peak * self.runtime.arena_factor)
 
     @property
     def overhead(self) -> int:
-        return SESSION_OVERHEAD * len(self.held)
+        return self.runtime.base + self.runtime.per_graph * len(self.held)
 
     @property
     def total(self) -> int:
@@ -165,7 +194,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return {"output_size": list(self.output_size), "mode": self.mode, "bucket_switch": self.bucket_switch,
                 "weights_mib": round(self.weights / MIB, 1), "activations_mib": round(self.activations / MIB, 1),
-                "packs_mib": round(self.pack_bytes / MIB, 1), "shared_arena": self.shared_arena,
+                "packs_mib": round(self.pack_bytes / MIB, 1), "runtime": self.runtime.name,
                 "overhead_mib": round(self.overhead / MIB, 1), "total_mib": round(self.total / MIB, 1),
                 "held": self.held,
                 "per_graph_mib": {k: {"weights": round(g.weights / MIB, 2),
@@ -174,7 +203,8 @@ class MemoryEstimate:
 
     def table(self) -> str:
         h, w = self.output_size
-        lines = [f"memory estimate at {w}x{h} output ({self.mode}, bucket switch {self.bucket_switch}):",
+        lines = [f"memory estimate at {w}x{h} output ({self.mode}, bucket switch {self.bucket_switch}, "
+                 f"{self.runtime.name}):",
                  f"  {'graph':<12} {'weights MiB':>12} {'activations MiB':>16}  held"]
         for key, g in self.graphs.items():
             lines.append(f"  {key:<12} {g.weights / MIB:>12.1f} {g.activations / MIB:>16.1f}  "
@@ -182,7 +212,7 @@ class MemoryEstimate:
         if self.pack_bytes:
             lines.append(f"  {'packs':<12} {self.pack_bytes / MIB:>12.1f} {'':>16}  host copy for refit")
         lines.append(f"  total {self.total / MIB:.1f} MiB (weights {self.weights / MIB:.1f}, activations "
-                     f"{self.activations / MIB:.1f}, {len(self.held)} graphs' runtime overhead "
+                     f"{self.activations / MIB:.1f}, runtime and {len(self.held)} graphs' overhead "
                      f"{self.overhead / MIB:.0f})")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -190,11 +220,14 @@ class MemoryEstimate:
 
 def estimate_bundle(bundle_dir: str | Path, manifest: Manifest, output_size: str | int | tuple[int, int],
                     bucket_switch: str = "graphs", max_engines: int | None = None,
-                    shared_arena: bool = False) -> MemoryEstimate:
-    """What ``manifest``'s bundle holds at once when restoring ``output_size`` pixels (h, w);
-    ``shared_arena``: for ONNX Runtime's CPU backend, whose sessions share one arena."""
+                    runtime: str = "tensorrt") -> MemoryEstimate:
+    """What ``manifest``'s bundle holds at once when restoring ``output_size`` pixels (h, w) on
+    ``runtime`` (a key of ``BACKENDS``: ``tensorrt`` or ``onnxruntime-cpu``)."""
     from mordasr.runtime.trt_settings import parse_size
 
+    if runtime not in BACKENDS:
+        raise ValueError(f"unknown runtime {runtime!r} (one of {', '.join(BACKENDS)})")
+    costs = BACKENDS[runtime]
     bundle_dir = Path(bundle_dir)
     text = f"{output_size[1]}x{output_size[0]}" if isinstance(output_size, tuple) else output_size
     hw = parse_size(text)
@@ -216,12 +249,15 @@ def estimate_bundle(bundle_dir: str | Path, manifest: Manifest, output_size: str
         for component in {p.component for p in manifest.weight_packs}:
             pack_bytes += max(p.bytes for p in manifest.weight_packs if p.component == component)
         notes.append("folded buckets reached by refitting bucket 0's graphs from weight packs")
+    if costs.arena_factor != 1.0:
+        notes.append(f"{costs.name}: activations are the largest graph's liveness peak x{costs.arena_factor:g}, "
+                     "what its shared arena was measured to hold")
     unsized = sum(g.unsized for g in graphs.values())
     if unsized:
         notes.append(f"{unsized} tensors could not be sized by shape inference and count as 0 bytes")
     held = [g.key for g in primary if g in held_graphs]
     return MemoryEstimate(hw, manifest.mode, "refit" if refit else "graphs", graphs, held, pack_bytes, notes,
-                          shared_arena)
+                          costs)
 
 
 def check_budget(estimate: MemoryEstimate, budget_bytes: int, device: str) -> None:

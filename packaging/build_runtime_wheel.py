@@ -31,7 +31,7 @@ version = "{version}"
 description = "The lean MoR-DASR runtime: run mordasr bundles with ONNX Runtime or TensorRT, no torch"
 requires-python = ">=3.10"
 license = {{ text = "Apache-2.0" }}
-dependencies = ["numpy>=1.24", "pillow>=10.0", "click>=8.1", "tqdm>=4.66", "onnxruntime>=1.18",
+dependencies = ["numpy>=1.24", "pillow>=10.2", "click>=8.1", "tqdm>=4.66", "onnxruntime>=1.18",
                 "safetensors>=0.4"]
 
 [project.optional-dependencies]

@@ -23,12 +23,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mordasr.errors import ImageError, ImageTooLarge
 from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.jpeg import MAX_SIDE as JPEG_MAX_SIDE
+from mordasr.runtime.jpeg import JpegWriter
 from mordasr.runtime.png import PngWriter, decode_png16, is_png16_color_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_MAX_PIXELS = 64_000_000
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+STREAMED_FORMATS = ("PNG", "JPEG")  # written a band of rows at a time (``write_bands``)
+MAX_SIDE = {"JPEG": JPEG_MAX_SIDE, "WEBP": 16383}  # the formats' own limits; the others take any size
 
 
 def _colour_pixels(img: Image.Image) -> np.ndarray:
@@ -218,6 +222,14 @@ def write_image(path: str | Path, image: np.ndarray, alpha: np.ndarray | None = 
     return atomic_write(path, data)
 
 
+def check_output_size(fmt: str, width: int, height: int) -> None:
+    """Refuse an output size the format cannot hold, before anything is restored."""
+    side = MAX_SIDE.get(fmt)
+    if side is not None and max(width, height) > side:
+        raise ImageError(f"a {width}x{height} image is too large for {fmt} (at most {side} pixels a "
+                         "side); write PNG or TIFF instead")
+
+
 def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None = None, bit_depth: int = 8,
                  icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
     """Encode float (H, W, 3) in [0, 1] as ``fmt`` (a Pillow format name: PNG, JPEG, ...).
@@ -229,14 +241,15 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     if fmt not in OUTPUT_FORMATS.values():
         known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
         raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
+    check_output_size(fmt, image.shape[1], image.shape[0])
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
-    if fmt == "PNG":  # checked for NaN band by band as it is written
-        buffer = io.BytesIO()
+    buffer = io.BytesIO()
+    if fmt in STREAMED_FORMATS:  # checked for NaN band by band as it is written
         height, width, depth = channels.shape
-        write_png_bands(buffer, [channels], width, height, depth, bit_depth, icc_profile, exif)
+        write_bands(buffer, fmt, [channels], width, height, depth, bit_depth, icc_profile, exif)
         return buffer.getvalue()
     if not all_finite(channels):  # a NaN or inf in the image or the alpha reaches the channels
         raise ImageError(NON_FINITE)
@@ -245,20 +258,26 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         options["icc_profile"] = icc_profile
     if exif and fmt in EXIF_FORMATS:
         options["exif"] = exif
-    if fmt == "JPEG":
-        options["quality"] = 95
-    buffer = io.BytesIO()
     Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
-def write_png_bands(stream: BinaryIO, bands: Iterable[np.ndarray], width: int, height: int, channels: int = 3,
-                    bit_depth: int = 8, icc_profile: bytes | None = None, exif: bytes | None = None) -> None:
-    """Float (rows, W, C) bands in [0, 1], top to bottom, as one PNG: each band checked for NaN,
-    rounded to ``bit_depth`` and compressed before the next is asked for. ``encode_image`` writes
-    a whole image as one band and ``mordasr-run`` a tiled restore as its rows finish, so the bytes
-    are the same either way."""
-    writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
+def write_bands(stream: BinaryIO, fmt: str, bands: Iterable[np.ndarray], width: int, height: int,
+                channels: int = 3, bit_depth: int = 8, icc_profile: bytes | None = None,
+                exif: bytes | None = None) -> None:
+    """Float (rows, W, C) bands in [0, 1], top to bottom, as one PNG or JPEG (``STREAMED_FORMATS``):
+    each band checked for NaN, rounded and compressed before the next is asked for.
+    ``encode_image`` writes a whole image as one band and ``mordasr-run`` a tiled restore as its
+    rows finish, so the bytes are the same either way. JPEG is 8-bit RGB: ``channels`` must be 3
+    and ``bit_depth`` is ignored."""
+    writer: PngWriter | JpegWriter
+    if fmt == "PNG":
+        writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
+    elif fmt == "JPEG" and channels == 3:
+        check_output_size(fmt, width, height)
+        writer, bit_depth = JpegWriter(stream, width, height, icc_profile, exif), 8
+    else:
+        raise ValueError(f"{fmt} with {channels} channels is not written in bands")
     for rows in bands:
         if not all_finite(rows):
             raise ImageError(NON_FINITE)

@@ -21,14 +21,16 @@ from mordasr.runtime.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
+    STREAMED_FORMATS,
     DecodedImage,
     as_float,
+    check_output_size,
     decode_image,
     encode_image,
     read_image_full,
     upscale_alpha,
+    write_bands,
     write_image,
-    write_png_bands,
 )
 from mordasr.runtime.pipeline import Progress, Restorer
 from mordasr.runtime.tiling import Tiling
@@ -92,28 +94,36 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
                  on_tile: Progress | None = None) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
 
-    A PNG without colour fix or alpha is written a band of rows at a time as the tiles finish
-    (``Restorer.restore_stream``): no array of the output's size is held, so memory stays
-    bounded however large the image. The bytes are the same as a whole-image write."""
+    A PNG or JPEG without colour fix or alpha is written a band of rows at a time as the tiles
+    finish (``Restorer.restore_stream``): no array of the output's size is held, so memory stays
+    bounded however large the image. The bytes are the same as a whole-image write. An output
+    size the format cannot hold is refused before anything is restored."""
     decoded = read_image_full(src, max_pixels=options.max_pixels)
-    streams = (OUTPUT_FORMATS.get(dst.suffix.lower()) == "PNG" and options.color_fix == "none"
+    fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
+    if fmt is not None:  # an unknown suffix is refused by write_image, with the formats it knows
+        height, width = decoded.pixels.shape[:2]
+        try:
+            check_output_size(fmt, width * restorer.scale, height * restorer.scale)
+        except ImageError as err:
+            raise ImageError(f"{dst}: {err}") from None
+    streams = (fmt in STREAMED_FORMATS and options.color_fix == "none"
                and not (decoded.alpha is not None and options.keep_alpha))
     if streams:
-        return _restore_to_png(restorer, decoded, dst, options, on_tile)
+        return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
     (restored,) = restore_decoded(restorer, [decoded], options, on_tile)
     write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
     return restored
 
 
-def _restore_to_png(restorer: Restorer, decoded: DecodedImage, dst: Path, options: RestoreOptions,
-                    on_tile: Progress | None) -> Restored:
+def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt: str, options: RestoreOptions,
+                      on_tile: Progress | None) -> Restored:
     image = decoded.composited()
     stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
     try:
         with atomic_open(dst) as file:
-            write_png_bands(file, stream.bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
+            write_bands(file, fmt, stream.bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
     except ImageError as err:
         raise ImageError(f"{dst}: {err}") from None
     return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,

@@ -141,27 +141,31 @@ print(rss("VmHWM:") - before)
 """
 
 
-@pytest.mark.parametrize("lr_side", [64, 128])
-def test_estimate_against_measured_onnxruntime_peak_memory(folded_bundle, lr_side, tmp_path):
-    """The estimate for every graph held (each bucket restored once; the ONNX Runtime backend's
-    sessions share one arena) vs the measured rise of the process's peak RSS on ONNX Runtime's CPU
-    provider, in a fresh process, at 256 px and at the tiny profile's default 512 px output."""
-    manifest = load_manifest(folded_bundle)
-    side = lr_side * manifest.scale
-    estimate = estimate_bundle(folded_bundle, manifest, (side, side), shared_arena=True)
+@pytest.mark.parametrize("bundle", ["folded_bundle", "gated_bundle", "dense_lora_bundle"])
+def test_estimate_against_measured_onnxruntime_peak_memory(bundle, request, tmp_path):
+    """The ONNX Runtime CPU estimate for every graph held (each bucket restored once; the
+    backend's sessions share one arena) vs the measured rise of the process's peak RSS, in a
+    fresh process, at 256 px and at the tiny profile's default 512 px output, for three modes."""
+    bundle_dir = request.getfixturevalue(bundle)
+    manifest = load_manifest(bundle_dir)
     script = tmp_path / "measure.py"
     script.write_text(_MEASURE)
-    out = subprocess.run([sys.executable, str(script), str(folded_bundle), str(lr_side)],
-                         capture_output=True, text=True, timeout=600, check=True)
-    measured = int(out.stdout.strip())
-    error = (estimate.total - measured) / measured
-    print(f"memory estimate at {side}px: {estimate.total / MIB:.0f} MiB, measured {measured / MIB:.0f} MiB, "
-          f"error {error:+.1%}")
-    # Within 35 %: measured -8 % at 256 px and -28 % at 512 px, within 2 points over repeated runs
-    # (the measured rise includes loading onnxruntime itself, about 22 MiB, and convolution
-    # workspaces that no graph tensor shows). At 128 px the per-session overhead dominates and
-    # the estimate is about 40 % high.
-    assert abs(error) < 0.35
+    for lr_side in (64, 128):
+        side = lr_side * manifest.scale
+        estimate = estimate_bundle(bundle_dir, manifest, (side, side), runtime="onnxruntime-cpu")
+        out = subprocess.run([sys.executable, str(script), str(bundle_dir), str(lr_side)],
+                             capture_output=True, text=True, timeout=600, check=True)
+        measured = int(out.stdout.strip())
+        error = (estimate.total - measured) / measured
+        print(f"{manifest.mode} {manifest.adapter}: memory estimate at {side}px {estimate.total / MIB:.0f} MiB, "
+              f"measured {measured / MIB:.0f} MiB, error {error:+.1%}")
+        # Within 25 %, the issue's bar: measured -8 % to +7 % on these bundles (the costs in
+        # export/memory.py were fitted on them and a 4-bucket bundle, at 256-640 px). The
+        # liveness walk alone, without the arena factor and onnxruntime's own memory, was -23 %
+        # to -45 % low.
+        assert abs(error) < 0.25
+        bare = estimate.weights + max(estimate.graphs[k].activations for k in estimate.held)
+        assert bare < 0.8 * measured  # what the runtime's costs add is needed to get there
 
 
 def test_refit_holds_less_and_the_budget_refuses_with_numbers(folded_bundle, tmp_path):
@@ -210,6 +214,9 @@ def test_export_for_a_device_records_it_and_refuses_what_does_not_fit(tiny_model
     manifest = load_manifest(out)
     assert manifest.precision == "fp16" and manifest.device["name"] == "orin-nano-8gb"
     assert manifest.profile["max"] == [512, 512] and 0 < manifest.memory["total_mib"] < 4096
+    cpu = estimate_bundle(out, manifest, (512, 512), runtime="onnxruntime-cpu")
+    assert manifest.memory["onnxruntime_cpu_total_mib"] == round(cpu.total / MIB, 1)
+    assert f"on ONNX Runtime's CPU backend (one shared arena): about {cpu.total / MIB:.0f} MiB" in result.stdout
     assert [g.file for g in manifest.graphs if g.fallback] == ["fp32/decoder.onnx"]
     script = (out / "build_engines.sh").read_text()
     assert "--memPoolSize=workspace:1024M" in script and "tactic_dram:" in script  # the Jetson cap kept

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from mordasr.errors import ImageError
 from mordasr.runtime.cli import main as run_main
 from mordasr.runtime.color import adain, color_fix, wavelet
 from mordasr.runtime.images import read_image, read_image_full, write_image
@@ -157,10 +158,11 @@ def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
     assert (out / "b.png").stat().st_mtime_ns == stamp
 
 
-def test_png_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle, tmp_path, monkeypatch):
-    """mordasr-run writes a tiled PNG band by band as the tiles finish (16-bit too, EXIF and ICC
-    kept): the file is byte-for-byte what the whole-image path (mordasr-serve's, a JPEG's)
-    encodes. A restore that fails after its first band leaves no file behind."""
+def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle, tmp_path, monkeypatch):
+    """mordasr-run writes a tiled PNG or JPEG band by band as the tiles finish (16-bit PNG too,
+    EXIF and ICC kept): the file is byte-for-byte what the whole-image path (mordasr-serve's, a
+    WebP's) encodes. A restore that fails after its first band leaves no file behind, and an
+    output too large for JPEG is refused before anything is restored."""
     from mordasr.runtime.images import encode_image
     from mordasr.runtime.jobs import RestoreOptions, restore_file
     from mordasr.runtime.pipeline import Restorer, RestoreStream
@@ -180,14 +182,18 @@ def test_png_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle
     monkeypatch.setattr(Restorer, "restore_stream", lambda *a, **k: streamed.append(1) or real_stream(*a, **k))
     for path in (src, deep):
         decoded = read_image_full(path)
-        restored = restore_file(restorer, path, tmp_path / f"out-{path.name}", options)
-        assert restored.image is None and restored.output_size == (4 * decoded.rgb.shape[1], 4 * decoded.rgb.shape[0])
         whole = restorer.restore(decoded.composited(), tiling=options.tiling).image
-        expected = encode_image(whole, "PNG", None, decoded.bit_depth, decoded.icc_profile, decoded.exif)
-        assert (tmp_path / f"out-{path.name}").read_bytes() == expected
-    assert len(streamed) == 2
-    with Image.open(tmp_path / "out-photo.png") as img:
-        assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"
+        for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg")):
+            out = tmp_path / f"out-{path.stem}{suffix}"
+            restored = restore_file(restorer, path, out, options)
+            assert restored.image is None
+            assert restored.output_size == (4 * decoded.rgb.shape[1], 4 * decoded.rgb.shape[0])
+            expected = encode_image(whole, fmt, None, decoded.bit_depth, decoded.icc_profile, decoded.exif)
+            assert out.read_bytes() == expected, (path.name, fmt)
+    assert len(streamed) == 4
+    for suffix in (".png", ".jpg"):
+        with Image.open(tmp_path / f"out-photo{suffix}") as img:
+            assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"
 
     def failing_stream(self, image, bucket=None, tiling=Tiling(), on_tile=None):
         good = real_stream(self, image, bucket, tiling, on_tile)
@@ -197,9 +203,18 @@ def test_png_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle
         return RestoreStream(iter([first, broken]), good.size, good.scores, good.bucket)
 
     monkeypatch.setattr(Restorer, "restore_stream", failing_stream)
-    with pytest.raises(Exception, match="NaN"):
-        restore_file(restorer, src, tmp_path / "failed" / "x.png", options)
+    for suffix in (".png", ".jpg"):
+        with pytest.raises(Exception, match="NaN"):
+            restore_file(restorer, src, tmp_path / "failed" / f"x{suffix}", options)
     assert list((tmp_path / "failed").iterdir()) == []
+
+    wide = tmp_path / "wide.png"  # 16400 px wide once restored: JPEG stops at 65500, WebP at 16383
+    Image.new("RGB", (4100, 1), "gray").save(wide)
+    restored_whole = []
+    monkeypatch.setattr(Restorer, "restore_batch", lambda *a, **k: restored_whole.append(1))
+    with pytest.raises(ImageError, match=r"wide.webp: a 16400x4 image is too large for WEBP \(at most 16383"):
+        restore_file(restorer, wide, tmp_path / "wide.webp", options)
+    assert restored_whole == [] and not (tmp_path / "wide.webp").exists()
 
 
 def _fuzz_corpus(folder):

@@ -195,6 +195,68 @@ def test_png_writer_keeps_icc_and_exif_and_refuses_wrong_rows():
         PngWriter(io.BytesIO(), 5, 6, channels=2)
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 40), st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       st.booleans(), st.integers(0, 2**32 - 1))
+def test_jpeg_writer_in_any_bands_writes_the_file_pillow_writes_whole(height, width, bands, metadata, seed):
+    """The streamed JPEG (rows handed over in bands of any size, split and joined at 16-row MCU
+    rows) is byte-for-byte Pillow's encoding of the whole image with the same options, and a
+    plain baseline JPEG any decoder reads."""
+    import io
+
+    from mordasr.runtime.jpeg import JpegWriter, _save_options
+
+    rng = np.random.default_rng(seed)
+    pixels = np.cumsum(rng.integers(0, 7, (height, width, 3)), axis=1).astype(np.uint8)  # photo-like ramps
+    exif = Image.Exif()
+    exif[0x010F] = "mordasr test camera"
+    icc, exif_bytes = (b"\0\0\1\0fake icc" * 8, exif.tobytes()) if metadata else (None, None)
+    whole = io.BytesIO()
+    Image.fromarray(pixels).save(whole, "JPEG", **_save_options(icc, exif_bytes))
+    stream = io.BytesIO()
+    writer = JpegWriter(stream, width, height, icc, exif_bytes)
+    start, sizes = 0, iter(bands * height)
+    while start < height:
+        stop = min(height, start + next(sizes))
+        writer.write(pixels[start:stop])
+        start = stop
+    writer.close()
+    assert stream.getvalue() == whole.getvalue()
+    with Image.open(io.BytesIO(stream.getvalue())) as img:
+        assert img.format == "JPEG" and img.size == (width, height) and not img.info.get("progressive")
+        decoded = np.asarray(img.convert("RGB"), dtype=np.int16)
+        assert np.abs(decoded - pixels).mean() < 6  # quality 95, 4:2:0 chroma
+        assert (img.info.get("icc_profile"), img.getexif().get(0x010F)) == (
+            (icc, "mordasr test camera") if metadata else (None, None))
+
+
+def test_jpeg_writer_refuses_wrong_rows_and_sizes():
+    import io
+
+    from mordasr.runtime.images import check_output_size
+    from mordasr.runtime.jpeg import JpegWriter
+
+    pixels = np.zeros((20, 5, 3), np.uint8)
+    writer = JpegWriter(io.BytesIO(), 5, 20)
+    with pytest.raises(ValueError, match=r"uint8 rows of shape \(n, 5, 3\)"):
+        writer.write(pixels[:, :4])
+    with pytest.raises(ValueError, match=r"uint8 rows"):
+        writer.write(pixels.astype(np.uint16))
+    writer.write(pixels[:18])
+    with pytest.raises(ValueError, match="more than the 20 rows"):
+        writer.write(pixels[:3])
+    with pytest.raises(ValueError, match="got 18 of its 20 rows"):
+        writer.close()
+    with pytest.raises(ValueError, match="at most 65500 pixels a side"):
+        JpegWriter(io.BytesIO(), 65501, 1)
+    check_output_size("JPEG", 65500, 65500)
+    check_output_size("PNG", 1 << 20, 1)
+    with pytest.raises(ImageError, match=r"a 70000x10 image is too large for JPEG \(at most 65500 pixels a "
+                                         r"side\); write PNG or TIFF instead"):
+        check_output_size("JPEG", 70000, 10)
+
+
 _DECODE_RSS = """
 import sys
 from mordasr.runtime.images import read_image_full

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -61,6 +64,27 @@ class _Reporter:
         for bar in (self.tiles, self.progress):
             if bar:
                 bar.close()
+
+
+class _WarningsOnStderr(logging.Handler):
+    """The runtime's logged warnings (a graph rerun in FP32, a flat output, EXIF a JPEG cannot
+    hold) as ``mordasr-run: warning: ...`` lines, written above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"mordasr-run: warning: {record.getMessage()}", file=sys.stderr)
+
+
+@contextmanager
+def _warnings_on_stderr(quiet: bool) -> Iterator[None]:
+    """-q: none at all (Python's last-resort handler would print them bare otherwise)."""
+    logger, handler = logging.getLogger("mordasr"), _WarningsOnStderr(logging.ERROR if quiet else logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> None:
@@ -132,7 +156,7 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
               help="--ray: runtime workers (actors), each holding the bundle once [default: the "
                    "cluster's CPUs / --threads].")
 @click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only: no progress, no per-file lines, no warnings.")
 def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str | None,
          max_engines: int | None, compare_backends: str | None, threads: int | None, fmt: str | None,
          max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
@@ -187,23 +211,24 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     job_options = RestoreOptions(tiling=tiling, color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
                                  max_pixels=max_pixels)
     reporter = _Reporter(len(jobs), quiet)
-    if use_ray:
-        try:
-            from mordasr.serving.batch import restore_with_ray
+    with _warnings_on_stderr(quiet):
+        if use_ray:
+            try:
+                from mordasr.serving.batch import restore_with_ray
 
-            summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
-                                       cpus_per_worker=threads or 1, address=address, on_result=reporter)
-        except (MordasrError, ImportError) as err:
-            _fail(str(err))
-    else:
-        try:
-            restorer = Restorer(bundle, backend=backend, **options)
-        except MordasrError as err:
-            _fail(str(err))
-        if not quiet:
-            for warning in restorer.device_warnings():
-                click.echo(f"mordasr-run: warning: {warning}", err=True)
-        restore_files(restorer, jobs, job_options, on_result=reporter, on_tile=reporter.tile)
+                summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
+                                           cpus_per_worker=threads or 1, address=address, on_result=reporter)
+            except (MordasrError, ImportError) as err:
+                _fail(str(err))
+        else:
+            try:
+                restorer = Restorer(bundle, backend=backend, **options)
+            except MordasrError as err:
+                _fail(str(err))
+            if not quiet:
+                for warning in restorer.device_warnings():
+                    click.echo(f"mordasr-run: warning: {warning}", err=True)
+            restore_files(restorer, jobs, job_options, on_result=reporter, on_tile=reporter.tile)
     reporter.close()
     if use_ray and not quiet:
         click.echo(f"ray: {summary.done} restored by {summary.workers} workers in {summary.seconds:.1f} s")

@@ -14,13 +14,17 @@ tiled restore holds is one band, not the output.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger("mordasr.runtime")
+
 QUALITY = 95
+MAX_EXIF = 65533  # EXIF lives in one APP1 segment (Pillow refuses more)
 MCU_ROWS = 16  # 4:2:0: an MCU is 16x16 pixels
 MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION
 SOI, EOI, SOS, DRI = b"\xff\xd8", b"\xff\xd9", 0xDA, 0xDD
@@ -67,6 +71,10 @@ class JpegWriter:
                  exif: bytes | None = None):
         if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
             raise ValueError(f"a JPEG is at most {MAX_SIDE} pixels a side, not {width}x{height}")
+        if exif and len(exif) > MAX_EXIF:
+            log.warning("the EXIF block (%d bytes) is larger than a JPEG holds (%d): the JPEG is written "
+                        "without it (PNG keeps it)", len(exif), MAX_EXIF)
+            exif = None
         self.stream, self.width, self.height = stream, width, height
         self.icc_profile, self.exif = icc_profile, exif
         self.rows_written = 0

@@ -217,6 +217,26 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
     assert restored_whole == [] and not (tmp_path / "wide.webp").exists()
 
 
+def test_exif_a_jpeg_cannot_hold_is_dropped_with_a_warning(folded_bundle, tmp_path):
+    """EXIF lives in one 64 KiB APP1 segment of a JPEG: a larger block (a long description, a
+    maker note) is left out of a JPEG output, said on stderr, and kept in a PNG output."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70000  # ImageDescription
+    src = tmp_path / "described.png"
+    Image.fromarray(RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(src, exif=exif.tobytes())
+    runner = CliRunner()
+    for suffix in (".jpg", ".png"):
+        result = runner.invoke(run_main, [str(src), "-o", str(tmp_path / f"out{suffix}"), "--bundle",
+                                          str(folded_bundle)])
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / f"out{suffix}") as img:
+            assert (img.getexif().get(0x010E) == "x" * 70000) == (suffix == ".png")
+        warned = "mordasr-run: warning: the EXIF block (70046 bytes) is larger than a JPEG holds" in result.stderr
+        assert warned == (suffix == ".jpg")
+    quiet = runner.invoke(run_main, [str(src), "-o", str(tmp_path / "quiet.jpg"), "--bundle", str(folded_bundle), "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
 def _fuzz_corpus(folder):
     """Files a phone, a scanner or a broken copy produces; name -> whether it should restore."""
     folder.mkdir()

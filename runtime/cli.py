@@ -138,7 +138,8 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
               help="Score each tile for routing instead of the whole image (default: one score from "
                    "a downscaled view of the whole image).")
 @click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True,
-              help="Pull the output's colours toward the input (OSEDiff's AdaIN or wavelet fix).")
+              help="Pull the output's colours toward the input (OSEDiff's AdaIN or wavelet fix), band by "
+                   "band; adain keeps a streamed output in a temporary file until its statistics are known.")
 @click.option("--bit-depth", type=click.Choice(["auto", "8", "16"]), default="auto", show_default=True,
               help="Output bits per channel: auto keeps 16-bit inputs 16-bit (PNG output only).")
 @click.option("--no-alpha", is_flag=True,

@@ -17,13 +17,13 @@ import numpy as np
 from mordasr.errors import ImageError, MordasrError, first_line
 from mordasr.runtime.atomic import atomic_open
 from mordasr.runtime.color import color_fix as color_fix_image
+from mordasr.runtime.color import color_fix_bands
 from mordasr.runtime.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
     STREAMED_FORMATS,
     DecodedImage,
-    as_float,
     check_output_size,
     decode_image,
     encode_image,
@@ -78,7 +78,7 @@ def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: Re
     results = restorer.restore_batch(inputs, options.tiling, on_tile)
     restored = []
     for d, k, image, result in zip(decoded, keep, inputs, results):
-        fixed = color_fix_image(result.image, as_float(image), options.color_fix)
+        fixed = color_fix_image(result.image, image, options.color_fix)
         h, w = fixed.shape[:2]
         restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, _bit_depth(d, options),
                                  d.icc_profile, d.exif, result.scores, result.bucket,
@@ -94,9 +94,9 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
                  on_tile: Progress | None = None) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
 
-    A PNG or JPEG without colour fix or alpha is written a band of rows at a time as the tiles
-    finish (``Restorer.restore_stream``): no array of the output's size is held, so memory stays
-    bounded however large the image. The bytes are the same as a whole-image write. An output
+    A PNG or JPEG without a kept alpha channel is written a band of rows at a time as the tiles
+    finish (``Restorer.restore_stream``), colour-fixed band by band: no array of the output's size
+    is held, so memory stays bounded however large the image. The bytes are the same as a whole-image write. An output
     size the format cannot hold is refused before anything is restored."""
     decoded = read_image_full(src, max_pixels=options.max_pixels)
     fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
@@ -106,8 +106,7 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
             check_output_size(fmt, width * restorer.scale, height * restorer.scale)
         except ImageError as err:
             raise ImageError(f"{dst}: {err}") from None
-    streams = (fmt in STREAMED_FORMATS and options.color_fix == "none"
-               and not (decoded.alpha is not None and options.keep_alpha))
+    streams = fmt in STREAMED_FORMATS and not (decoded.alpha is not None and options.keep_alpha)
     if streams:
         return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
     (restored,) = restore_decoded(restorer, [decoded], options, on_tile)
@@ -121,9 +120,10 @@ def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt:
     stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
+    bands = color_fix_bands(stream.bands, image, options.color_fix, width, height)
     try:
         with atomic_open(dst) as file:
-            write_bands(file, fmt, stream.bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
+            write_bands(file, fmt, bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
     except ImageError as err:
         raise ImageError(f"{dst}: {err}") from None
     return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,

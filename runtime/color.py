@@ -17,14 +17,12 @@ through the same code, so a file is the same byte for byte either way.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
-from mordasr.runtime.images import as_float
+from mordasr.runtime.images import Upsampled
 
 COLOR_FIXES = ("none", "adain", "wavelet")
 _LEVELS = 5
@@ -55,32 +53,7 @@ def lowpass(image: np.ndarray) -> np.ndarray:
     return low
 
 
-class Reference:
-    """Rows of the input (uint8 or float) upsampled to the output's size, made on request: Pillow's bicubic resize
-    of only the input rows they need (with margin), whose result equals those rows of the
-    whole image's resize (its filter is clamped at the image's edges, not the box's)."""
-
-    def __init__(self, lr_input: np.ndarray, width: int, height: int):
-        self.lr, self.width, self.height = lr_input, width, height
-        self.scale_y = lr_input.shape[0] / height
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        h, w = self.lr.shape[:2]
-        top = max(0, math.floor(start * self.scale_y) - 4)  # bicubic reaches 2 input rows
-        bottom = min(h, math.ceil(stop * self.scale_y) + 4)
-        box = (0.0, start * self.scale_y - top, float(w), stop * self.scale_y - top)
-        part = as_float(self.lr[top:bottom])  # 8-bit inputs stay uint8 until a band needs them
-        channels = [np.asarray(Image.fromarray(np.ascontiguousarray(part[..., c]), mode="F")
-                               .resize((self.width, stop - start), Image.BICUBIC, box=box))
-                    for c in range(part.shape[-1])]
-        return np.stack(channels, axis=-1)
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        for start in range(0, self.height, SLAB_ROWS):
-            yield self.rows(start, min(self.height, start + SLAB_ROWS))
-
-
-def _wavelet(bands: Iterable[np.ndarray], reference: Reference) -> Iterator[np.ndarray]:
+def _wavelet(bands: Iterable[np.ndarray], reference: Upsampled) -> Iterator[np.ndarray]:
     height = reference.height
     carry, carry_start, done, end = np.empty((0, reference.width, 3), np.float32), 0, 0, 0
     for band in bands:
@@ -154,7 +127,7 @@ class _Spill:
             self.file.close()
 
 
-def _adain(bands: Iterable[np.ndarray], reference: Reference) -> Iterator[np.ndarray]:
+def _adain(bands: Iterable[np.ndarray], reference: Upsampled) -> Iterator[np.ndarray]:
     spill = None if isinstance(bands, Sequence) else _Spill()
     moments = []
     for band in bands:
@@ -162,7 +135,9 @@ def _adain(bands: Iterable[np.ndarray], reference: Reference) -> Iterator[np.nda
         if spill is not None:
             spill.keep(band)
     _check_rows(sum(len(m) for m in moments), reference.height)
-    gain, shift = _affine(moments, [_row_moments(rows) for rows in reference.blocks()],
+    blocks = (reference.rows(start, min(reference.height, start + SLAB_ROWS))
+              for start in range(0, reference.height, SLAB_ROWS))
+    gain, shift = _affine(moments, [_row_moments(rows) for rows in blocks],
                           reference.width * reference.height)
     for band in bands if spill is None else spill.replay():
         for start in range(0, len(band), SLAB_ROWS):
@@ -182,7 +157,7 @@ def color_fix_bands(bands: Iterable[np.ndarray], lr_input: np.ndarray, method: s
     if method == "none":
         yield from bands
         return
-    reference = Reference(lr_input, width, height)
+    reference = Upsampled(lr_input, width, height)
     yield from (_adain(bands, reference) if method == "adain" else _wavelet(bands, reference))
 
 

@@ -10,6 +10,7 @@ a restored file should carry over: the alpha channel, the bit depth, the ICC pro
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 import zlib
@@ -287,11 +288,42 @@ def write_bands(stream: BinaryIO, fmt: str, bands: Iterable[np.ndarray], width: 
 
 def upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:
     """The alpha channel upscaled on its own (bicubic), clipped to [0, 1]."""
-    return np.clip(resize(alpha[..., None], width, height)[..., 0], 0.0, 1.0)
+    return Upsampled(alpha[..., None], width, height).alpha_rows(0, height)
+
+
+class Upsampled:
+    """Rows of an image (uint8 or float, any channels) upsampled to ``width`` x ``height`` with
+    Pillow's bicubic filter, made on request from only the input rows they need: Pillow clamps its
+    filter at the image's edges, not at the box it is given, so the rows equal those of the whole
+    image's resize bit for bit (``resize``). A colour fix's reference and a kept alpha channel are
+    made so a band at a time, never whole."""
+
+    MARGIN = 4  # input rows beyond the box: bicubic upsampling reaches 2
+
+    def __init__(self, image: np.ndarray, width: int, height: int):
+        if height < image.shape[0] or width < image.shape[1]:
+            raise ValueError(f"Upsampled enlarges: {image.shape[1]}x{image.shape[0]} -> {width}x{height}")
+        self.image, self.width, self.height = image, width, height
+        self.scale_y = image.shape[0] / height
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        h, w = self.image.shape[:2]
+        top = max(0, math.floor(start * self.scale_y) - self.MARGIN)
+        bottom = min(h, math.ceil(stop * self.scale_y) + self.MARGIN)
+        box = (0.0, start * self.scale_y - top, float(w), stop * self.scale_y - top)
+        part = as_float(self.image[top:bottom])  # 8-bit stays uint8 until a band needs it
+        channels = [np.asarray(Image.fromarray(np.ascontiguousarray(part[..., c]), mode="F")
+                               .resize((self.width, stop - start), Image.BICUBIC, box=box))
+                    for c in range(part.shape[-1])]
+        return np.stack(channels, axis=-1)
+
+    def alpha_rows(self, start: int, stop: int) -> np.ndarray:
+        """(rows, W) of a one-channel image, clipped to [0, 1]."""
+        return np.clip(self.rows(start, stop)[..., 0], 0.0, 1.0)
 
 
 def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Antialiased bicubic resize of float (H, W, 3) through Pillow's float mode, per channel."""
+    """Antialiased bicubic resize of float (H, W, C) through Pillow's float mode, per channel."""
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F")
                            .resize((width, height), Image.BICUBIC)) for c in range(image.shape[-1])]
     return np.stack(channels, axis=-1).astype(np.float32)

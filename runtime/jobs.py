@@ -7,7 +7,7 @@ restored by any of them is byte-for-byte the same for the same bundle and option
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -19,11 +19,13 @@ from mordasr.runtime.atomic import atomic_open
 from mordasr.runtime.color import color_fix as color_fix_image
 from mordasr.runtime.color import color_fix_bands
 from mordasr.runtime.images import (
+    ALPHA_FORMATS,
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
     STREAMED_FORMATS,
     DecodedImage,
+    Upsampled,
     check_output_size,
     decode_image,
     encode_image,
@@ -94,10 +96,11 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
                  on_tile: Progress | None = None) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
 
-    A PNG or JPEG without a kept alpha channel is written a band of rows at a time as the tiles
-    finish (``Restorer.restore_stream``), colour-fixed band by band: no array of the output's size
-    is held, so memory stays bounded however large the image. The bytes are the same as a whole-image write. An output
-    size the format cannot hold is refused before anything is restored."""
+    A PNG or JPEG is written a band of rows at a time as the tiles finish
+    (``Restorer.restore_stream``), colour-fixed and given its upscaled alpha band by band: no
+    array of the output's size is held, so memory stays bounded however large the image. The
+    bytes are the same as a whole-image write. An output size the format cannot hold is refused
+    before anything is restored."""
     decoded = read_image_full(src, max_pixels=options.max_pixels)
     fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
     if fmt is not None:  # an unknown suffix is refused by write_image, with the formats it knows
@@ -106,8 +109,7 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
             check_output_size(fmt, width * restorer.scale, height * restorer.scale)
         except ImageError as err:
             raise ImageError(f"{dst}: {err}") from None
-    streams = fmt in STREAMED_FORMATS and not (decoded.alpha is not None and options.keep_alpha)
-    if streams:
+    if fmt in STREAMED_FORMATS:
         return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
     (restored,) = restore_decoded(restorer, [decoded], options, on_tile)
     write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
@@ -116,18 +118,33 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
 
 def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt: str, options: RestoreOptions,
                       on_tile: Progress | None) -> Restored:
-    image = decoded.composited()
+    alpha = decoded.alpha if options.keep_alpha else None
+    image = decoded.pixels if alpha is not None else decoded.composited()
     stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
     bands = color_fix_bands(stream.bands, image, options.color_fix, width, height)
+    channels = 3
+    if alpha is not None:
+        bands = _with_alpha(bands, Upsampled(alpha[..., None], width, height), fmt in ALPHA_FORMATS)
+        channels = 4 if fmt in ALPHA_FORMATS else 3
     try:
         with atomic_open(dst) as file:
-            write_bands(file, fmt, bands, width, height, 3, depth, decoded.icc_profile, decoded.exif)
+            write_bands(file, fmt, bands, width, height, channels, depth, decoded.icc_profile, decoded.exif)
     except ImageError as err:
         raise ImageError(f"{dst}: {err}") from None
     return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,
                     (image.shape[1], image.shape[0]), (width, height), decoded.frames)
+
+
+def _with_alpha(bands: Iterable[np.ndarray], alpha: Upsampled, keep: bool) -> Iterator[np.ndarray]:
+    """RGB bands with the upscaled alpha's rows: as a fourth channel, or composited over white
+    (formats without alpha), as ``encode_image`` does with a whole image."""
+    row = 0
+    for rgb in bands:
+        a = alpha.alpha_rows(row, row + len(rgb))[..., None]
+        row += len(rgb)
+        yield np.concatenate([rgb, a], axis=-1) if keep else rgb * a + (1.0 - a)
 
 
 def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt: str = "PNG",

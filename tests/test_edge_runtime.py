@@ -163,8 +163,8 @@ def test_color_fixes_match_their_definitions_and_any_banding():
     a 12 MP reference came out 0.015-0.04 low per channel, shifting colours by up to 12 levels);
     and both give the same rows bit for bit whatever bands the output arrives in, as a
     streamed restore hands them over, with the reference made a band at a time."""
-    from mordasr.runtime.color import Reference, color_fix_bands
-    from mordasr.runtime.images import resize
+    from mordasr.runtime.color import color_fix_bands
+    from mordasr.runtime.images import Upsampled, resize
 
     lr = RNG.integers(0, 256, (29, 23, 3), dtype=np.uint8)
     height, width = 4 * 29, 4 * 23
@@ -175,7 +175,7 @@ def test_color_fixes_match_their_definitions_and_any_banding():
     matched = adain(out, reference).astype(np.float64)
     assert np.allclose(matched.mean(axis=(0, 1)), mean, atol=1e-6)
     assert np.allclose(matched.std(axis=(0, 1)), std, atol=1e-4)  # eps = 1e-5 in the gain
-    source = Reference(lr, width, height)
+    source = Upsampled(lr, width, height)
     for start, stop in ((0, height), (3, 50), (77, height)):
         assert np.array_equal(source.rows(start, stop), reference[start:stop])
     for method in ("adain", "wavelet"):
@@ -217,10 +217,11 @@ def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
 
 def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle, tmp_path, monkeypatch):
     """mordasr-run writes a tiled PNG or JPEG band by band as the tiles finish (16-bit PNG too,
-    EXIF and ICC kept, colour-fixed or not): the file is byte-for-byte what the whole-image path
-    (mordasr-serve's, a WebP's) encodes. A restore that fails after its first band leaves no file behind, and an
+    EXIF and ICC kept, colour-fixed or not, alpha kept or composited): the file is byte-for-byte
+    what the whole-image path (mordasr-serve's, a WebP's) encodes. A restore that fails after
+    its first band leaves no file behind, and an
     output too large for JPEG is refused before anything is restored."""
-    from mordasr.runtime.images import encode_image
+    from mordasr.runtime.images import encode_image, upscale_alpha
     from mordasr.runtime.jobs import RestoreOptions, restore_file
     from mordasr.runtime.pipeline import Restorer, RestoreStream
     from mordasr.runtime.tiling import Tiling
@@ -254,7 +255,21 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
         restore_file(restorer, src, out, replace(options, color_fix=method))
         fixed = color_fix(whole, decoded.composited(), method)
         assert out.read_bytes() == encode_image(fixed, "JPEG", None, 8, decoded.icc_profile, decoded.exif), method
-    assert len(streamed) == 6
+    rgba = tmp_path / "logo.png"  # kept alpha: a fourth channel in PNG, composited over white in JPEG
+    pixels = RNG.integers(0, 256, (26, 21, 4), dtype=np.uint8)
+    pixels[:8, :, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(rgba)
+    decoded = read_image_full(rgba)
+    restored_rgb = restorer.restore(decoded.rgb, tiling=options.tiling).image
+    for suffix, method in ((".png", "none"), (".jpg", "none"), (".png", "wavelet")):
+        out = tmp_path / f"logo-{method}{suffix}"
+        restore_file(restorer, rgba, out, replace(options, color_fix=method))
+        fixed = color_fix(restored_rgb, decoded.rgb, method)
+        alpha = upscale_alpha(decoded.alpha, 4 * 21, 4 * 26)
+        assert out.read_bytes() == encode_image(fixed, "PNG" if suffix == ".png" else "JPEG", alpha), (suffix, method)
+    with Image.open(tmp_path / "logo-none.png") as img:
+        assert img.mode == "RGBA" and np.asarray(img)[:28, :, 3].max() == 0
+    assert len(streamed) == 9
     for suffix in (".png", ".jpg"):
         with Image.open(tmp_path / f"out-photo{suffix}") as img:
             assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"

@@ -142,10 +142,11 @@ import json, sys, numpy as np
 from PIL import Image
 from mordasr.runtime.cli import main
 bundle, width, height, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-src = out + '.input.png'
-Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(src)
+src, options = out + '.input.png', [a for a in sys.argv[5:] if a != 'rgba']
+channels = 4 if 'rgba' in sys.argv[5:] else 3
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, channels), dtype=np.uint8)).save(src)
 try:
-    main([src, '-o', out, '--bundle', bundle, '-q'] + sys.argv[5:], standalone_mode=False)
+    main([src, '-o', out, '--bundle', bundle, '-q'] + options, standalone_mode=False)
 except SystemExit as exit:
     assert not exit.code, exit.code
 peak_kib = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
@@ -156,12 +157,13 @@ print(json.dumps({'peak_mib': peak_kib / 1024}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_mordasr_run_png_and_jpeg_memory_does_not_grow_with_the_output(folded_bundle, tmp_path, capsys):
     """mordasr-run, default profile and tiling, in fresh processes: 256 px wide inputs 256 and
-    1024 px tall (1 and 4 MP out). Written as PNG or JPEG, streamed band by band, colour-fixed
-    or not, the peak may grow by less than 16 MiB (the input, 1/16 of the output, grows too);
-    written as TIFF, through one output-sized buffer, it grows by the 3 MP more output (12 + 3
-    bytes a pixel: the control that shows this measurement sees an output-sized buffer)."""
+    1024 px tall (1 and 4 MP out). Written as PNG or JPEG, streamed band by band, colour-fixed or
+    not, with an alpha channel or not, the peak may grow by less than 16 MiB (the input, 1/16 of
+    the output, grows too); written as TIFF, through one output-sized buffer, it grows by the 3 MP
+    more output (12 + 3 bytes a pixel: the control that shows this measurement sees an output-sized buffer)."""
     cases = {"png": ("png",), "jpg": ("jpg",), "png --color-fix adain": ("png", "--color-fix", "adain"),
-             "jpg --color-fix wavelet": ("jpg", "--color-fix", "wavelet"), "tif": ("tif",)}
+             "jpg --color-fix wavelet": ("jpg", "--color-fix", "wavelet"), "png of an RGBA input": ("png", "rgba"),
+             "tif": ("tif",)}
     peaks = {}
     for name, (fmt, *options) in cases.items():
         for height in (256, 1024):

@@ -219,8 +219,8 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
     """mordasr-run writes a tiled PNG or JPEG band by band as the tiles finish (16-bit PNG too,
     EXIF and ICC kept, colour-fixed or not, alpha kept or composited): the file is byte-for-byte
     what the whole-image path (mordasr-serve's, a WebP's) encodes. A restore that fails after
-    its first band leaves no file behind, and an
-    output too large for JPEG is refused before anything is restored."""
+    its first band leaves no file behind, and an output too large for its format (WebP here) is
+    refused before anything is restored."""
     from mordasr.runtime.images import encode_image, upscale_alpha
     from mordasr.runtime.jobs import RestoreOptions, restore_file
     from mordasr.runtime.pipeline import Restorer, RestoreStream

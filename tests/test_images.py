@@ -138,6 +138,16 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
+def _write_in_bands(writer, pixels: np.ndarray, bands: list[int]) -> None:
+    """Hand ``pixels`` to a band writer in bands of the given heights (cycled), then close it."""
+    start, sizes = 0, iter(bands * len(pixels))
+    while start < len(pixels):
+        stop = min(len(pixels), start + next(sizes))
+        writer.write(pixels[start:stop])
+        start = stop
+    writer.close()
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 30), st.sampled_from([3, 4]), st.sampled_from([8, 16]),
        st.lists(st.integers(1, 12), min_size=1, max_size=8), st.integers(0, 2**32 - 1))
@@ -156,12 +166,7 @@ def test_png_writer_in_any_bands_writes_one_exact_file(height, width, channels, 
     whole = encode_png(pixels)
     stream = io.BytesIO()
     writer = PngWriter(stream, width, height, channels, depth)
-    start, sizes = 0, iter(bands * height)
-    while start < height:
-        stop = min(height, start + next(sizes))
-        writer.write(pixels[start:stop])
-        start = stop
-    writer.close()
+    _write_in_bands(writer, pixels, bands)
     assert stream.getvalue() == whole
     if depth == 8:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(whole))), pixels)
@@ -216,12 +221,7 @@ def test_jpeg_writer_in_any_bands_writes_the_file_pillow_writes_whole(height, wi
     Image.fromarray(pixels).save(whole, "JPEG", **_save_options(icc, exif_bytes))
     stream = io.BytesIO()
     writer = JpegWriter(stream, width, height, icc, exif_bytes)
-    start, sizes = 0, iter(bands * height)
-    while start < height:
-        stop = min(height, start + next(sizes))
-        writer.write(pixels[start:stop])
-        start = stop
-    writer.close()
+    _write_in_bands(writer, pixels, bands)
     assert stream.getvalue() == whole.getvalue()
     with Image.open(io.BytesIO(stream.getvalue())) as img:
         assert img.format == "JPEG" and img.size == (width, height) and not img.info.get("progressive")

@@ -302,7 +302,7 @@ class Upsampled:
 
     def __init__(self, image: np.ndarray, width: int, height: int):
         if height < image.shape[0] or width < image.shape[1]:
-            raise ValueError(f"Upsampled enlarges: {image.shape[1]}x{image.shape[0]} -> {width}x{height}")
+            raise ValueError(f"Upsampled only enlarges, not {image.shape[1]}x{image.shape[0]} -> {width}x{height}")
         self.image, self.width, self.height = image, width, height
         self.scale_y = image.shape[0] / height
 

@@ -10,7 +10,7 @@ The reference is the input upsampled to the output's size (bicubic), made a band
 time: neither it nor the corrected image is ever whole in memory, so ``mordasr-run`` streams a
 colour-fixed PNG or JPEG as it streams a plain one. The wavelet fix is local: the decomposition's
 low-pass reaches 1 + 2 + 4 + 8 + 16 = 31 rows, so a band is exact given 31 rows of context on
-each side. AdAIN needs the whole output's statistics before its first row can be corrected: a
+each side. AdaIN needs the whole output's statistics before its first row can be corrected: a
 streamed output is kept in an unnamed temporary file between the two passes. Whole images go
 through the same code, so a file is the same byte for byte either way.
 """

@@ -106,21 +106,21 @@ def _mean_std(moments: list[np.ndarray], pixels: int) -> tuple[np.ndarray, np.nd
 
 
 class _Spill:
-    """Float32 bands kept in an unnamed temporary file and read back in the same shapes."""
+    """Float32 rows kept in an unnamed temporary file and read back ``SLAB_ROWS`` at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         self.file = tempfile.TemporaryFile()
-        self.shapes: list[tuple[int, ...]] = []
+        self.width, self.rows = width, 0
 
     def keep(self, band: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(band, dtype=np.float32).tobytes())
-        self.shapes.append(band.shape)
+        self.file.write(memoryview(np.ascontiguousarray(band, dtype=np.float32)).cast("B"))  # no copy
+        self.rows += len(band)
 
     def replay(self) -> Iterator[np.ndarray]:
         self.file.seek(0)
         try:
-            for shape in self.shapes:
-                band = np.empty(shape, np.float32)
+            for start in range(0, self.rows, SLAB_ROWS):
+                band = np.empty((min(SLAB_ROWS, self.rows - start), self.width, 3), np.float32)
                 self.file.readinto(memoryview(band).cast("B"))
                 yield band
         finally:
@@ -128,7 +128,7 @@ class _Spill:
 
 
 def _adain(bands: Iterable[np.ndarray], reference: Upsampled) -> Iterator[np.ndarray]:
-    spill = None if isinstance(bands, Sequence) else _Spill()
+    spill = None if isinstance(bands, Sequence) else _Spill(reference.width)
     moments = []
     for band in bands:
         moments.append(_row_moments(band))

@@ -135,8 +135,8 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
 @click.option("--tile-window", type=click.Choice(["gaussian", "linear"]), default="gaussian", show_default=True,
               help="Blending weights across tile overlaps.")
 @click.option("--tile-routing", is_flag=True,
-              help="Score each tile for routing instead of the whole image (default: one score from "
-                   "a downscaled view of the whole image).")
+              help="Score each tile for routing instead of the whole image (default: one score for "
+                   "the whole image, the mean over up to four windows at its own resolution).")
 @click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True,
               help="Pull the output's colours toward the input (OSEDiff's AdaIN or wavelet fix), band by "
                    "band; adain keeps a streamed output in a temporary file until its statistics are known.")
@@ -171,8 +171,12 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
 
     Large images run in overlapping tiles (--tile); transparent images keep their alpha
     (upscaled on its own), 16-bit inputs give 16-bit PNG output, ICC profiles and EXIF are kept
-    where the format allows. Folders: relative paths are kept, --skip-existing resumes a run,
-    a bad file is reported and the run goes on. --ray runs the folder on a pool of Ray workers
+    where the format allows. PNG and JPEG outputs are written a band of rows at a time as the
+    tiles finish, so memory does not grow with the output; WebP, TIFF and BMP hold the whole
+    output (15 bytes per output pixel) before writing it.
+
+    Folders: relative paths are kept, --skip-existing resumes a run, a bad file is reported and
+    the run goes on. --ray runs the folder on a pool of Ray workers
     (local cores or a cluster) with the same outputs.
 
     Exit codes: 0 all images restored (or skipped); 1 some images of a folder failed (each is

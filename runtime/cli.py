@@ -172,8 +172,8 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     Large images run in overlapping tiles (--tile); transparent images keep their alpha
     (upscaled on its own), 16-bit inputs give 16-bit PNG output, ICC profiles and EXIF are kept
     where the format allows. PNG and JPEG outputs are written a band of rows at a time as the
-    tiles finish, so memory does not grow with the output; WebP, TIFF and BMP hold the whole
-    output (15 bytes per output pixel) before writing it.
+    tiles finish, so memory does not grow with the output; WebP, TIFF and BMP hold the 8-bit
+    output for Pillow (3 bytes per output pixel, and Pillow's copy while it encodes).
 
     Folders: relative paths are kept, --skip-existing resumes a run, a bad file is reported and
     the run goes on. --ray runs the folder on a pool of Ray workers

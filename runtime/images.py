@@ -32,7 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".g
 DEFAULT_MAX_PIXELS = 64_000_000
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
-STREAMED_FORMATS = ("PNG", "JPEG")  # written a band of rows at a time (``write_bands``)
+STREAMED_FORMATS = ("PNG", "JPEG")  # compressed a band of rows at a time (``write_bands``)
 MAX_SIDE = {"JPEG": JPEG_MAX_SIDE, "WEBP": 16383}  # the formats' own limits; the others take any size
 
 
@@ -248,37 +248,57 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
     buffer = io.BytesIO()
-    if fmt in STREAMED_FORMATS:  # checked for NaN band by band as it is written
-        height, width, depth = channels.shape
-        write_bands(buffer, fmt, [channels], width, height, depth, bit_depth, icc_profile, exif)
-        return buffer.getvalue()
-    if not all_finite(channels):  # a NaN or inf in the image or the alpha reaches the channels
-        raise ImageError(NON_FINITE)
-    options = {}
-    if icc_profile and fmt in ICC_FORMATS:
-        options["icc_profile"] = icc_profile
-    if exif and fmt in EXIF_FORMATS:
-        options["exif"] = exif
-    Image.fromarray(to_uint8(channels)).save(buffer, format=fmt, **options)
+    height, width, depth = channels.shape
+    write_bands(buffer, fmt, [channels], width, height, depth, bit_depth, icc_profile, exif)
     return buffer.getvalue()
+
+
+class _PillowWriter:
+    """Rows collected as the 8-bit image (3 or 4 bytes a pixel, never a float one) that Pillow
+    then encodes whole: WebP, TIFF and BMP, whose encoders take a whole image."""
+
+    def __init__(self, stream: BinaryIO, fmt: str, width: int, height: int, channels: int,
+                 icc_profile: bytes | None, exif: bytes | None):
+        self.stream, self.fmt, self.rows = stream, fmt, 0
+        self.pixels = np.empty((height, width, channels), np.uint8)
+        self.options: dict = {}
+        if icc_profile and fmt in ICC_FORMATS:
+            self.options["icc_profile"] = icc_profile
+        if exif and fmt in EXIF_FORMATS:
+            self.options["exif"] = exif
+
+    def write(self, rows: np.ndarray) -> None:
+        if self.rows + len(rows) > len(self.pixels):
+            raise ValueError(f"more rows than the {len(self.pixels)} the image was opened for")
+        self.pixels[self.rows:self.rows + len(rows)] = rows
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.rows != len(self.pixels):
+            raise ValueError(f"{self.rows} rows written of the {len(self.pixels)}")
+        Image.fromarray(self.pixels).save(self.stream, format=self.fmt, **self.options)
 
 
 def write_bands(stream: BinaryIO, fmt: str, bands: Iterable[np.ndarray], width: int, height: int,
                 channels: int = 3, bit_depth: int = 8, icc_profile: bytes | None = None,
                 exif: bytes | None = None) -> None:
-    """Float (rows, W, C) bands in [0, 1], top to bottom, as one PNG or JPEG (``STREAMED_FORMATS``):
-    each band checked for NaN, rounded and compressed before the next is asked for.
-    ``encode_image`` writes a whole image as one band and ``mordasr-run`` a tiled restore as its
-    rows finish, so the bytes are the same either way. JPEG is 8-bit RGB: ``channels`` must be 3
-    and ``bit_depth`` is ignored."""
-    writer: PngWriter | JpegWriter
+    """Float (rows, W, C) bands in [0, 1], top to bottom, as one image file in ``fmt``: each band
+    checked for NaN and rounded before the next is asked for. PNG and JPEG
+    (``STREAMED_FORMATS``) are compressed band by band, so nothing of the output's size is held;
+    the other formats collect the 8-bit image for Pillow. ``encode_image`` writes a whole image
+    as one band and ``mordasr-run`` a tiled restore as its rows finish, so the bytes are the same
+    either way. Only PNG has 16 bits (``bit_depth``) and only PNG, WebP and TIFF an alpha
+    channel (``channels`` 4)."""
+    writer: PngWriter | JpegWriter | _PillowWriter
+    check_output_size(fmt, width, height)
     if fmt == "PNG":
         writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
-    elif fmt == "JPEG" and channels == 3:
-        check_output_size(fmt, width, height)
+    elif channels == 4 and fmt not in ALPHA_FORMATS or channels not in (3, 4):
+        raise ValueError(f"{fmt} is not written with {channels} channels")
+    elif fmt == "JPEG":
         writer, bit_depth = JpegWriter(stream, width, height, icc_profile, exif), 8
     else:
-        raise ValueError(f"{fmt} with {channels} channels is not written in bands")
+        writer, bit_depth = _PillowWriter(stream, fmt, width, height, channels, icc_profile, exif), 8
     for rows in bands:
         if not all_finite(rows):
             raise ImageError(NON_FINITE)

@@ -23,7 +23,6 @@ from mordasr.runtime.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
-    STREAMED_FORMATS,
     DecodedImage,
     Upsampled,
     check_output_size,
@@ -32,7 +31,6 @@ from mordasr.runtime.images import (
     read_image_full,
     upscale_alpha,
     write_bands,
-    write_image,
 )
 from mordasr.runtime.pipeline import Progress, Restorer
 from mordasr.runtime.tiling import Tiling
@@ -96,24 +94,22 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
                  on_tile: Progress | None = None) -> Restored:
     """Read ``src``, restore it and write ``dst`` atomically in the format of its suffix.
 
-    A PNG or JPEG is written a band of rows at a time as the tiles finish
-    (``Restorer.restore_stream``), colour-fixed and given its upscaled alpha band by band: no
-    array of the output's size is held, so memory stays bounded however large the image. The
-    bytes are the same as a whole-image write. An output size the format cannot hold is refused
-    before anything is restored."""
-    decoded = read_image_full(src, max_pixels=options.max_pixels)
+    The output is colour-fixed, given its upscaled alpha and written a band of rows at a time as
+    the tiles finish (``Restorer.restore_stream``): a PNG or JPEG is compressed band by band, so
+    no array of the output's size is held and memory stays bounded however large the image;
+    WebP, TIFF and BMP hold the 8-bit image for Pillow, not a float one. The bytes are the same
+    as a whole-image write. An output format or size the format cannot hold is refused before
+    anything is restored."""
     fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
-    if fmt is not None:  # an unknown suffix is refused by write_image, with the formats it knows
-        height, width = decoded.pixels.shape[:2]
-        try:
-            check_output_size(fmt, width * restorer.scale, height * restorer.scale)
-        except ImageError as err:
-            raise ImageError(f"{dst}: {err}") from None
-    if fmt in STREAMED_FORMATS:
-        return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
-    (restored,) = restore_decoded(restorer, [decoded], options, on_tile)
-    write_image(dst, restored.image, restored.alpha, restored.bit_depth, restored.icc_profile, restored.exif)
-    return restored
+    if fmt is None:
+        raise ImageError(f"{dst}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
+    decoded = read_image_full(src, max_pixels=options.max_pixels)
+    height, width = decoded.pixels.shape[:2]
+    try:
+        check_output_size(fmt, width * restorer.scale, height * restorer.scale)
+    except ImageError as err:
+        raise ImageError(f"{dst}: {err}") from None
+    return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
 
 
 def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt: str, options: RestoreOptions,

@@ -216,9 +216,10 @@ def test_folder_run_keeps_alpha_depth_and_resumes(folded_bundle, tmp_path):
 
 
 def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(folded_bundle, tmp_path, monkeypatch):
-    """mordasr-run writes a tiled PNG or JPEG band by band as the tiles finish (16-bit PNG too,
-    EXIF and ICC kept, colour-fixed or not, alpha kept or composited): the file is byte-for-byte
-    what the whole-image path (mordasr-serve's, a WebP's) encodes. A restore that fails after
+    """mordasr-run writes a tiled PNG or JPEG band by band as the tiles finish, and WebP, TIFF and
+    BMP from the 8-bit image the bands fill (16-bit PNG too, EXIF and ICC kept, colour-fixed or
+    not, alpha kept or composited): the file is byte-for-byte what the whole-image path
+    (mordasr-serve's) encodes. A restore that fails after
     its first band leaves no file behind, and an output too large for its format (WebP here) is
     refused before anything is restored."""
     from mordasr.runtime.images import encode_image, upscale_alpha
@@ -241,7 +242,7 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
     for path in (src, deep):
         decoded = read_image_full(path)
         whole = restorer.restore(decoded.composited(), tiling=options.tiling).image
-        for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg")):
+        for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp"), ("TIFF", ".tif"), ("BMP", ".bmp")):
             out = tmp_path / f"out-{path.stem}{suffix}"
             restored = restore_file(restorer, path, out, options)
             assert restored.image is None
@@ -261,15 +262,15 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
     Image.fromarray(pixels, "RGBA").save(rgba)
     decoded = read_image_full(rgba)
     restored_rgb = restorer.restore(decoded.rgb, tiling=options.tiling).image
-    for suffix, method in ((".png", "none"), (".jpg", "none"), (".png", "wavelet")):
-        out = tmp_path / f"logo-{method}{suffix}"
+    for fmt, method in (("PNG", "none"), ("JPEG", "none"), ("PNG", "wavelet"), ("WEBP", "none"), ("BMP", "adain")):
+        out = tmp_path / f"logo-{method}.{fmt.lower()}"
         restore_file(restorer, rgba, out, replace(options, color_fix=method))
         fixed = color_fix(restored_rgb, decoded.rgb, method)
         alpha = upscale_alpha(decoded.alpha, 4 * 21, 4 * 26)
-        assert out.read_bytes() == encode_image(fixed, "PNG" if suffix == ".png" else "JPEG", alpha), (suffix, method)
+        assert out.read_bytes() == encode_image(fixed, fmt, alpha), (fmt, method)
     with Image.open(tmp_path / "logo-none.png") as img:
         assert img.mode == "RGBA" and np.asarray(img)[:28, :, 3].max() == 0
-    assert len(streamed) == 9
+    assert len(streamed) == 17
     for suffix in (".png", ".jpg"):
         with Image.open(tmp_path / f"out-photo{suffix}") as img:
             assert img.info["icc_profile"] == FAKE_ICC and img.getexif()[0x010F] == "mordasr test camera"

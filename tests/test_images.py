@@ -213,7 +213,8 @@ def test_jpeg_writer_in_any_bands_writes_the_file_pillow_writes_whole(height, wi
     from mordasr.runtime.jpeg import JpegWriter, _save_options
 
     rng = np.random.default_rng(seed)
-    pixels = np.cumsum(rng.integers(0, 7, (height, width, 3)), axis=1).astype(np.uint8)  # photo-like ramps
+    ramp = np.cumsum(rng.integers(0, 6, (height, width, 1)), axis=1)  # photo-like: smooth, colour varying slowly
+    pixels = (ramp + np.array([0, 8, 16]) + rng.integers(0, 3, (height, width, 3))).astype(np.uint8)
     exif = Image.Exif()
     exif[0x010F] = "mordasr test camera"
     icc, exif_bytes = (b"\0\0\1\0fake icc" * 8, exif.tobytes()) if metadata else (None, None)

@@ -6,11 +6,12 @@ restored by any of them is byte-for-byte the same for the same bundle and option
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -107,13 +108,16 @@ def restore_file(restorer: Restorer, src: Path, dst: Path, options: RestoreOptio
     height, width = decoded.pixels.shape[:2]
     try:
         check_output_size(fmt, width * restorer.scale, height * restorer.scale)
+        with atomic_open(dst) as file:
+            return restore_streamed(restorer, decoded, file, fmt, options, on_tile)
     except ImageError as err:
         raise ImageError(f"{dst}: {err}") from None
-    return _restore_streamed(restorer, decoded, dst, fmt, options, on_tile)
 
 
-def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt: str, options: RestoreOptions,
-                      on_tile: Progress | None) -> Restored:
+def restore_streamed(restorer: Restorer, decoded: DecodedImage, file: BinaryIO, fmt: str, options: RestoreOptions,
+                     on_tile: Progress | None = None) -> Restored:
+    """Restore ``decoded`` and write it to ``file`` as ``fmt`` a band of rows at a time
+    (``restore_file``'s and ``encode_restored``'s path)."""
     alpha = decoded.alpha if options.keep_alpha else None
     image = decoded.pixels if alpha is not None else decoded.composited()
     stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
@@ -124,11 +128,7 @@ def _restore_streamed(restorer: Restorer, decoded: DecodedImage, dst: Path, fmt:
     if alpha is not None:
         bands = _with_alpha(bands, Upsampled(alpha[..., None], width, height), fmt in ALPHA_FORMATS)
         channels = 4 if fmt in ALPHA_FORMATS else 3
-    try:
-        with atomic_open(dst) as file:
-            write_bands(file, fmt, bands, width, height, channels, depth, decoded.icc_profile, decoded.exif)
-    except ImageError as err:
-        raise ImageError(f"{dst}: {err}") from None
+    write_bands(file, fmt, bands, width, height, channels, depth, decoded.icc_profile, decoded.exif)
     return Restored(None, None, depth, decoded.icc_profile, decoded.exif, stream.scores, stream.bucket,
                     (image.shape[1], image.shape[0]), (width, height), decoded.frames)
 
@@ -143,11 +143,33 @@ def _with_alpha(bands: Iterable[np.ndarray], alpha: Upsampled, keep: bool) -> It
         yield np.concatenate([rgb, a], axis=-1) if keep else rgb * a + (1.0 - a)
 
 
+def encode_restored(restorer: Restorer, items: list[tuple[DecodedImage, str]],
+                    options: RestoreOptions) -> list[tuple[bytes, Restored]]:
+    """Restore and encode decoded images (a server's batch), each as its format (a Pillow format
+    name). Images large enough to be tiled are restored and encoded band by band into memory
+    (``restore_streamed``), so no float output of theirs is held; the others go through
+    ``Restorer.restore_batch`` together. The bytes are ``mordasr-run``'s for the same image."""
+    tile = options.tiling.tile if options.tiling.tile is not None else restorer.default_tile()
+    results: list[tuple[bytes, Restored] | None] = [None] * len(items)
+    small = [i for i, (decoded, _) in enumerate(items) if not restorer.is_tiled(decoded.pixels, tile)]
+    for i, (decoded, fmt) in enumerate(items):
+        if i not in small:
+            check_output_size(fmt, decoded.pixels.shape[1] * restorer.scale, decoded.pixels.shape[0] * restorer.scale)
+            buffer = io.BytesIO()
+            restored = restore_streamed(restorer, decoded, buffer, fmt, options)
+            results[i] = (buffer.getvalue(), restored)
+    restored_small = restore_decoded(restorer, [items[i][0] for i in small], options)
+    for i, restored in zip(small, restored_small):
+        results[i] = (restored.encode(items[i][1]), restored)
+    return [r for r in results if r is not None]
+
+
 def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt: str = "PNG",
                   name: str = "request") -> tuple[bytes, Restored]:
     """Encoded image bytes in, encoded restored image out (``fmt`` a Pillow format name)."""
-    (restored,) = restore_decoded(restorer, [decode_image(data, name, options.max_pixels)], options)
-    return restored.encode(fmt), restored
+    ((payload, restored),) = encode_restored(restorer, [(decode_image(data, name, options.max_pixels), fmt)],
+                                             options)
+    return payload, restored
 
 
 def each_or_error(restore_many: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:

@@ -239,6 +239,10 @@ class Restorer:
         return (np.pad(np.arange(height), (0, (-height) % m), mode=mode),
                 np.pad(np.arange(width), (0, (-width) % m), mode=mode))
 
+    def is_tiled(self, image: np.ndarray, tile: int | None) -> bool:
+        """Whether ``image`` runs in tiles of ``tile`` LR pixels (None or 0: never)."""
+        return self._tiled_index(image, tile) is not None
+
     def _tiled_index(self, image: np.ndarray, tile: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The padded rows and columns of an image that needs tiles of ``tile`` LR pixels, or None
         when it runs in one piece."""

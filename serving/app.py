@@ -103,10 +103,10 @@ class RestoreService:
             data = image_bytes(request.headers.get("content-type"), body)
             fmt = response_format(request.query_params.get("format"))
             decoded = await asyncio.get_running_loop().run_in_executor(None, self._decode, data)
-            restored = await self.restore_images(decoded)
-            if isinstance(restored, Exception):
-                raise restored
-            payload = await asyncio.get_running_loop().run_in_executor(None, restored.encode, fmt)
+            answer = await self.restore_images((decoded, fmt))
+            if isinstance(answer, Exception):
+                raise answer
+            payload, restored = answer
         except Exception as err:  # every failure is answered, with its reason, and the replica goes on
             status = status_for(err)
             message = first_line(err)
@@ -136,17 +136,19 @@ class RestoreService:
 
         return decode_image(data, "request body", self.options.max_pixels)
 
-    async def restore_images(self, decoded: list) -> list:
-        """Replaced by a ``serve.batch`` handler in ``build_app``: a list of decoded images in,
-        a list of ``Restored`` (or the exception that image raised) out."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._restore_list, decoded)
+    async def restore_images(self, items: list) -> list:
+        """Replaced by a ``serve.batch`` handler in ``build_app``: a list of (decoded image,
+        response format) in, a list of (encoded bytes, ``Restored``) (or the exception that
+        image raised) out. A large image is encoded band by band as it is restored, so a
+        replica holds its compressed bytes, not a float output."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._restore_list, items)
 
-    def _restore_list(self, decoded: list) -> list:
-        from mordasr.runtime.jobs import each_or_error, restore_decoded
+    def _restore_list(self, items: list) -> list:
+        from mordasr.runtime.jobs import each_or_error, encode_restored
 
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(decoded))
-        return each_or_error(lambda items: restore_decoded(self.restorer, items, self.options), decoded)
+        self.largest_batch = max(self.largest_batch, len(items))
+        return each_or_error(lambda batch: encode_restored(self.restorer, batch, self.options), items)
 
 def build_app(config: ServiceConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               max_ongoing_requests: int | None = None):

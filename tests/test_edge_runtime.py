@@ -297,6 +297,38 @@ def test_png_and_jpeg_output_is_streamed_and_the_same_file_as_a_whole_write(fold
     assert restored_whole == [] and not (tmp_path / "wide.webp").exists()
 
 
+def test_a_server_batch_encodes_large_images_band_by_band(folded_bundle, tmp_path, monkeypatch):
+    """mordasr-serve's batch (``encode_restored``): an image large enough to be tiled is restored
+    and encoded band by band into memory, the small ones through one ``restore_batch``; every
+    payload is byte-for-byte the file mordasr-run writes for the same image and options."""
+    from mordasr.runtime.jobs import RestoreOptions, encode_restored, restore_bytes, restore_file
+    from mordasr.runtime.pipeline import Restorer
+    from mordasr.runtime.tiling import Tiling
+
+    restorer = Restorer(folded_bundle, threads=1)
+    options = RestoreOptions(tiling=Tiling(tile=16, overlap=4), color_fix="wavelet")
+    paths = []
+    for name, size in (("large", (37, 29)), ("small", (12, 10)), ("other", (16, 8))):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(RNG.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    formats = ["JPEG", "PNG", "WEBP"]
+    streamed, batched = [], []
+    real_stream, real_batch = Restorer.restore_stream, Restorer.restore_batch
+    monkeypatch.setattr(Restorer, "restore_stream", lambda self, image, *a, **k: streamed.append(image.shape)
+                        or real_stream(self, image, *a, **k))
+    monkeypatch.setattr(Restorer, "restore_batch", lambda self, images, *a, **k: batched.append(len(images))
+                        or real_batch(self, images, *a, **k))
+    answers = encode_restored(restorer, [(read_image_full(p), f) for p, f in zip(paths, formats)], options)
+    assert streamed == [(37, 29, 3)] and batched == [2]
+    for path, fmt, (payload, restored) in zip(paths, formats, answers):
+        out = tmp_path / f"{path.stem}.{fmt.lower()}"
+        restore_file(restorer, path, out, options)
+        assert payload == out.read_bytes(), path.name
+        assert restored.output_size == Image.open(out).size
+    payload, _ = restore_bytes(restorer, paths[0].read_bytes(), options, "JPEG")
+    assert payload == answers[0][0]
+
+
 def test_exif_a_jpeg_cannot_hold_is_dropped_with_a_warning(folded_bundle, tmp_path):
     """EXIF lives in one 64 KiB APP1 segment of a JPEG: a larger block (a long description, a
     maker note) is left out of a JPEG output, said on stderr, and kept in a PNG output."""

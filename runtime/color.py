@@ -163,8 +163,6 @@ def color_fix_bands(bands: Iterable[np.ndarray], lr_input: np.ndarray, method: s
 
 def color_fix(output: np.ndarray, lr_input: np.ndarray, method: str) -> np.ndarray:
     """``output`` (H, W, 3) corrected toward ``lr_input`` (h, w, 3), clipped to [0, 1]."""
-    if method not in COLOR_FIXES:
-        raise ValueError(f"unknown colour fix {method!r}; choose one of {', '.join(COLOR_FIXES)}")
     if method == "none":
         return output
     height, width = output.shape[:2]

@@ -242,7 +242,6 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
     if fmt not in OUTPUT_FORMATS.values():
         known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
         raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
-    check_output_size(fmt, image.shape[1], image.shape[0])
     if alpha is not None and fmt not in ALPHA_FORMATS:
         image = image * alpha[..., None] + (1.0 - alpha[..., None])
         alpha = None
@@ -293,7 +292,7 @@ def write_bands(stream: BinaryIO, fmt: str, bands: Iterable[np.ndarray], width: 
     check_output_size(fmt, width, height)
     if fmt == "PNG":
         writer = PngWriter(stream, width, height, channels, bit_depth, icc_profile, exif)
-    elif channels == 4 and fmt not in ALPHA_FORMATS or channels not in (3, 4):
+    elif channels not in (3, 4) or (channels == 4 and fmt not in ALPHA_FORMATS):
         raise ValueError(f"{fmt} is not written with {channels} channels")
     elif fmt == "JPEG":
         writer, bit_depth = JpegWriter(stream, width, height, icc_profile, exif), 8

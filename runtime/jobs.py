@@ -74,17 +74,24 @@ class Restored:
 def restore_decoded(restorer: Restorer, decoded: list[DecodedImage], options: RestoreOptions,
                     on_tile: Progress | None = None) -> list[Restored]:
     """Restore decoded images; several go through ``Restorer.restore_batch`` together."""
-    keep = [d.alpha is not None and options.keep_alpha for d in decoded]
-    inputs = [d.rgb if k else d.composited() for d, k in zip(decoded, keep)]
-    results = restorer.restore_batch(inputs, options.tiling, on_tile)
+    inputs = [_network_input(d, options) for d in decoded]
+    results = restorer.restore_batch([image for image, _ in inputs], options.tiling, on_tile)
     restored = []
-    for d, k, image, result in zip(decoded, keep, inputs, results):
+    for d, (image, alpha), result in zip(decoded, inputs, results):
         fixed = color_fix_image(result.image, image, options.color_fix)
         h, w = fixed.shape[:2]
-        restored.append(Restored(fixed, upscale_alpha(d.alpha, w, h) if k else None, _bit_depth(d, options),
+        restored.append(Restored(fixed, None if alpha is None else upscale_alpha(alpha, w, h), _bit_depth(d, options),
                                  d.icc_profile, d.exif, result.scores, result.bucket,
                                  (image.shape[1], image.shape[0]), (w, h), d.frames))
     return restored
+
+
+def _network_input(decoded: DecodedImage, options: RestoreOptions) -> tuple[np.ndarray, np.ndarray | None]:
+    """(what the network restores, the alpha kept beside it or None): the colour as decoded when
+    the alpha is kept, else the image composited over white."""
+    if decoded.alpha is not None and options.keep_alpha:
+        return decoded.pixels, decoded.alpha
+    return decoded.composited(), None
 
 
 def _bit_depth(decoded: DecodedImage, options: RestoreOptions) -> int:
@@ -118,8 +125,7 @@ def restore_streamed(restorer: Restorer, decoded: DecodedImage, file: BinaryIO, 
                      on_tile: Progress | None = None) -> Restored:
     """Restore ``decoded`` and write it to ``file`` as ``fmt`` a band of rows at a time
     (``restore_file``'s and ``encode_restored``'s path)."""
-    alpha = decoded.alpha if options.keep_alpha else None
-    image = decoded.pixels if alpha is not None else decoded.composited()
+    image, alpha = _network_input(decoded, options)
     stream = restorer.restore_stream(image, tiling=options.tiling, on_tile=on_tile)
     depth = _bit_depth(decoded, options)
     height, width = stream.size
@@ -149,12 +155,10 @@ def encode_restored(restorer: Restorer, items: list[tuple[DecodedImage, str]],
     name). Images large enough to be tiled are restored and encoded band by band into memory
     (``restore_streamed``), so no float output of theirs is held; the others go through
     ``Restorer.restore_batch`` together. The bytes are ``mordasr-run``'s for the same image."""
-    tile = options.tiling.tile if options.tiling.tile is not None else restorer.default_tile()
     results: list[tuple[bytes, Restored] | None] = [None] * len(items)
-    small = [i for i, (decoded, _) in enumerate(items) if not restorer.is_tiled(decoded.pixels, tile)]
+    small = [i for i, (decoded, _) in enumerate(items) if not restorer.is_tiled(decoded.pixels, options.tiling)]
     for i, (decoded, fmt) in enumerate(items):
         if i not in small:
-            check_output_size(fmt, decoded.pixels.shape[1] * restorer.scale, decoded.pixels.shape[0] * restorer.scale)
             buffer = io.BytesIO()
             restored = restore_streamed(restorer, decoded, buffer, fmt, options)
             results[i] = (buffer.getvalue(), restored)

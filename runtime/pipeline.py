@@ -43,7 +43,7 @@ class RestoreResult:
 @dataclass
 class RestoreStream:
     """A restore whose output comes a band of rows at a time, so that no array of the output's
-    size is held (``mordasr-run`` writes each band into the PNG as it comes)."""
+    size is held (``mordasr-run`` writes each band into its file as it comes)."""
 
     bands: Iterator[np.ndarray]  # float32 (rows, W*scale, 3) in [0, 1], top to bottom, each valid until the next
     size: tuple[int, int]  # (height, width) of the output
@@ -188,7 +188,7 @@ class Restorer:
         # 2. routing: folded bundles pick the nearest bucket; gated/hybrid feed the scores
         bucket = self.route(scores, bucket)
         score_feed = scores[None].astype(np.float32)
-        tile = tiling.tile if tiling.tile is not None else self.default_tile()
+        tile = self._tile(tiling)
         index = self._tiled_index(image, tile)
         if index is None:
             return bucket, score_feed, None
@@ -205,14 +205,13 @@ class Restorer:
             _check_image(image)
         if not images:
             return []
-        tile = tiling.tile if tiling.tile is not None else self.default_tile()
         scores = self.scores_batch(images)
         buckets = [self.route(s) for s in scores]
         padded: dict[int, np.ndarray] = {}  # only the images restored whole: a tiled one is never copied
         results: list[RestoreResult | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
-            if self._tiled_index(image, tile) is not None:
+            if self.is_tiled(image, tiling):
                 results[i] = self._restore_scored(image, scores[i], None, tiling, on_tile)
             else:
                 padded[i] = self._pad(image)
@@ -239,9 +238,13 @@ class Restorer:
         return (np.pad(np.arange(height), (0, (-height) % m), mode=mode),
                 np.pad(np.arange(width), (0, (-width) % m), mode=mode))
 
-    def is_tiled(self, image: np.ndarray, tile: int | None) -> bool:
-        """Whether ``image`` runs in tiles of ``tile`` LR pixels (None or 0: never)."""
-        return self._tiled_index(image, tile) is not None
+    def is_tiled(self, image: np.ndarray, tiling: Tiling = Tiling()) -> bool:
+        """Whether ``image`` runs in tiles with ``tiling``."""
+        return self._tiled_index(image, self._tile(tiling)) is not None
+
+    def _tile(self, tiling: Tiling) -> int | None:
+        """The tile side in LR pixels: ``tiling.tile``, else the profile's (None or 0: no tiles)."""
+        return tiling.tile if tiling.tile is not None else self.default_tile()
 
     def _tiled_index(self, image: np.ndarray, tile: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The padded rows and columns of an image that needs tiles of ``tile`` LR pixels, or None

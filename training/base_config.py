@@ -21,6 +21,7 @@ class BaseTrainingConfig:
     # inputs gained +0.24 dB in 150 (benchmarks/results/tiny-base/README.md); heavy degradations
     # are the adapters' job.
     sr_mix: str = "clean=0.5,synthetic=0.4,realesrgan=0.1"
+    ema: float = 0.0  # decay of a moving average of the weights each stage ends with; 0: off (the last weights)
     checkpoint_every: int = 250  # steps between resume states within a stage
     seed: int = 0
 
@@ -35,6 +36,8 @@ class BaseTrainingConfig:
             raise ValueError("recon_weight and latent_weight must be >= 0")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema must be in [0, 1)")
 
     def degradation_mix(self) -> tuple[tuple[str, float], ...]:
         """``sr_mix`` as ((kind, probability), ...), normalised to sum to 1."""

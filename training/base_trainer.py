@@ -21,6 +21,7 @@ so a killed run continues where it stopped, and the checkpoint after each finish
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -37,6 +38,7 @@ from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
 from mordasr.training.common import model_device, nchw, psnr, resolve_device, seed_everything
 from mordasr.training.data import CropSampler, sample_images, training_images
+from mordasr.training.ema import WeightEMA
 from mordasr.training.synthetic import Degradation, degraded_batch, estimator_correlations, mixed_degraded_batch
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,9 @@ class _Resumable:
     """Saves and restores a stage's full training state: module, optimizer, scheduler, step, RNGs."""
 
     def __init__(self, out: Path, stage: str, module: torch.nn.Module, opt, sched,
-                 generators: list[np.random.Generator]) -> None:
+                 generators: list[np.random.Generator], ema: WeightEMA | None = None) -> None:
         self.path = out / ".resume" / f"{stage}.pt"
-        self.module, self.opt, self.sched, self.generators = module, opt, sched, generators
+        self.module, self.opt, self.sched, self.generators, self.ema = module, opt, sched, generators, ema
 
     def load(self) -> int:
         if not self.path.is_file():
@@ -62,6 +64,8 @@ class _Resumable:
         for gen, gen_state in zip(self.generators, state["numpy"]):
             gen.bit_generator.state = gen_state
         torch.set_rng_state(state["torch"])
+        if self.ema is not None:  # a state written without EMA starts the average at its weights
+            self.ema.load_state_dict(state["ema"]) if state.get("ema") else self.ema.reset(self.module)
         log.info("resumed %s at step %d", self.path, state["step"])
         return int(state["step"])
 
@@ -71,7 +75,8 @@ class _Resumable:
         torch.save({"module": self.module.state_dict(), "opt": self.opt.state_dict(),
                     "sched": self.sched.state_dict(), "step": step,
                     "numpy": [g.bit_generator.state for g in self.generators],
-                    "torch": torch.get_rng_state()}, tmp)
+                    "torch": torch.get_rng_state(),
+                    "ema": None if self.ema is None else self.ema.state_dict()}, tmp)
         os.replace(tmp, self.path)
 
     def clear(self) -> None:
@@ -85,7 +90,9 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
     """AdamW with warmup + cosine decay on ``module``'s parameters; ``loss_fn(step)`` gives each loss.
 
     Resumable (see ``_Resumable``); appends ``evaluate()``'s figures to ``OUT/curves-<stage>.csv``
-    at every resume point. The module is trainable during the fit and frozen afterwards.
+    at every resume point. With ``cfg.ema`` the module ends with the moving average of its weights
+    (``WeightEMA``), and ``evaluate()`` sees that average. The module is trainable during the fit
+    and frozen afterwards.
     """
     params = list(module.parameters())
     for p in params:
@@ -99,8 +106,10 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
     warmup = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
-    state = _Resumable(out, stage, module, opt, sched, generators)
+    ema = WeightEMA(module, cfg.ema) if cfg.ema else None
+    state = _Resumable(out, stage, module, opt, sched, generators, ema)
     start = state.load()
+    averaged = contextlib.nullcontext if ema is None else lambda: ema.applied(module)
     curves = out / f"curves-{stage}.csv"
     module.train()
     loss_value, running = float("nan"), []
@@ -114,6 +123,8 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(module)
         loss_value = loss.item()
         running.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.5f}")
@@ -122,11 +133,14 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
             running = []
             if evaluate is not None:
                 module.eval()
-                row.update(evaluate())
+                with averaged():
+                    row.update(evaluate())
                 module.train()
             _append_row(curves, row)
             log.info("%s step %d: %s", stage, step + 1, row)
             state.save(step + 1)
+    if ema is not None:
+        ema.copy_to(module)
     for p in params:
         p.requires_grad_(False)
     module.eval()

@@ -186,6 +186,10 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
               show_default=True,
               help="Stage sr: weight of the latent term |z_restored - Enc(HR)|^2 that aims the x0 step at the HR "
                    "latent; lower lets the pixel L1 alone decide late in training.")
+@click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=_BASE_DEFAULTS.ema,
+              show_default=True,
+              help="Decay of an exponential moving average of the weights (e.g. 0.999, about the last 1000 "
+                   "steps); each stage then ends with that average and its curves score it. 0: off.")
 @click.option("--stages", default=",".join(("vae", "sr", "estimator")), show_default=True,
               help="Comma-separated stages to train (run in the order vae, sr, estimator).")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
@@ -198,7 +202,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
               help="Where to train: auto takes the GPU when PyTorch sees one. A run resumes on any device.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
-         crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, stages: str,
+         crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, ema: float, stages: str,
          start_from: Path | None, checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
@@ -215,7 +219,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
 
     cfg = BaseTrainingConfig(data=str(data) if data else None, vae_steps=vae_steps, sr_steps=sr_steps,
                              estimator_steps=estimator_steps, batch=batch, crop=crop, lr=lr, sr_mix=sr_mix,
-                             recon_weight=recon_weight, latent_weight=latent_weight,
+                             recon_weight=recon_weight, latent_weight=latent_weight, ema=ema,
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),

@@ -31,6 +31,7 @@ from mordasr.model.adapters.mor import MoRLayer
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.checkpoint import load_latest, restore_rng, rng_state, save_state
 from mordasr.training.common import nchw, psnr
+from mordasr.training.ema import WeightEMA
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
 from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.perceptual import perceptual_loss, ssim
@@ -185,8 +186,7 @@ class FitTrainer:
             self.critic = critic
             self.disc = self.dist.wrap(critic)
             self.opt_disc = torch.optim.AdamW(self.disc.parameters(), cfg.gan.lr, betas=(0.5, 0.999))
-        self.ema = ({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-                    if o.ema > 0 else None)
+        self.ema = WeightEMA(self.model, o.ema) if o.ema > 0 else None
         self._data(cfg)
         self.step = 0
         self.rows: list[dict] = []
@@ -299,30 +299,11 @@ class FitTrainer:
         return totals
 
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.cfg.optim.ema
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if name in self.ema:
-                    self.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if self.ema is not None:
+            self.ema.update(self.model)
 
-    @contextlib.contextmanager
-    def _ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        params = dict(self.model.named_parameters())
-        saved = {n: params[n].detach().clone() for n in self.ema}
-        with torch.no_grad():
-            for n, v in self.ema.items():
-                params[n].copy_(v)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    params[n].copy_(v)
+    def _ema_weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.ema is None else self.ema.applied(self.model)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -356,7 +337,7 @@ class FitTrainer:
         state = {"preset": self.cfg.run.preset, "adapter": self.model.config.adapter.kind, "step": self.step,
                  "model": self._trainable_state(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                  "rng": rng_state(self._generators()), "torch_gen": self.torch_gen.get_state(),
-                 "ema": self.ema, "rows": self.rows}
+                 "ema": None if self.ema is None else self.ema.state_dict(), "rows": self.rows}
         if self.vsd is not None:
             state["vsd"] = {k: v.cpu() for k, v in self.vsd.variational.state_dict().items() if "lora_" in k}
             state["opt_vsd"] = self.opt_vsd.state_dict()
@@ -379,7 +360,8 @@ class FitTrainer:
         self.sched.load_state_dict(state["sched"])
         restore_rng(state["rng"], self._generators())
         self.torch_gen.set_state(state["torch_gen"])
-        self.ema = state["ema"]
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
         self.rows = state["rows"]
         if self.vsd is not None and "vsd" in state:
             self.vsd.variational.load_state_dict(state["vsd"], strict=False)

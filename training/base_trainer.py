@@ -64,8 +64,10 @@ class _Resumable:
         for gen, gen_state in zip(self.generators, state["numpy"]):
             gen.bit_generator.state = gen_state
         torch.set_rng_state(state["torch"])
-        if self.ema is not None:  # a state written without EMA starts the average at its weights
-            self.ema.load_state_dict(state["ema"]) if state.get("ema") else self.ema.reset(self.module)
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # a state written without EMA starts the average at its weights
+            self.ema.reset(self.module)
         log.info("resumed %s at step %d", self.path, state["step"])
         return int(state["step"])
 

@@ -32,7 +32,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".g
 DEFAULT_MAX_PIXELS = 64_000_000
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
-STREAMED_FORMATS = ("PNG", "JPEG")  # compressed a band of rows at a time (``write_bands``)
 MAX_SIDE = {"JPEG": JPEG_MAX_SIDE, "WEBP": 16383}  # the formats' own limits; the others take any size
 
 
@@ -282,8 +281,8 @@ def write_bands(stream: BinaryIO, fmt: str, bands: Iterable[np.ndarray], width: 
                 channels: int = 3, bit_depth: int = 8, icc_profile: bytes | None = None,
                 exif: bytes | None = None) -> None:
     """Float (rows, W, C) bands in [0, 1], top to bottom, as one image file in ``fmt``: each band
-    checked for NaN and rounded before the next is asked for. PNG and JPEG
-    (``STREAMED_FORMATS``) are compressed band by band, so nothing of the output's size is held;
+    checked for NaN and rounded before the next is asked for. PNG and JPEG are compressed band
+    by band, so nothing of the output's size is held;
     the other formats collect the 8-bit image for Pillow. ``encode_image`` writes a whole image
     as one band and ``mordasr-run`` a tiled restore as its rows finish, so the bytes are the same
     either way. Only PNG has 16 bits (``bit_depth``) and only PNG, WebP and TIFF an alpha

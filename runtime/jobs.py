@@ -155,17 +155,18 @@ def encode_restored(restorer: Restorer, items: list[tuple[DecodedImage, str]],
     name). Images large enough to be tiled are restored and encoded band by band into memory
     (``restore_streamed``), so no float output of theirs is held; the others go through
     ``Restorer.restore_batch`` together. The bytes are ``mordasr-run``'s for the same image."""
-    results: list[tuple[bytes, Restored] | None] = [None] * len(items)
-    small = [i for i, (decoded, _) in enumerate(items) if not restorer.is_tiled(decoded.pixels, options.tiling)]
+    results: dict[int, tuple[bytes, Restored]] = {}
+    small = []
     for i, (decoded, fmt) in enumerate(items):
-        if i not in small:
+        if restorer.is_tiled(decoded.pixels, options.tiling):
             buffer = io.BytesIO()
             restored = restore_streamed(restorer, decoded, buffer, fmt, options)
             results[i] = (buffer.getvalue(), restored)
-    restored_small = restore_decoded(restorer, [items[i][0] for i in small], options)
-    for i, restored in zip(small, restored_small):
+        else:
+            small.append(i)
+    for i, restored in zip(small, restore_decoded(restorer, [items[i][0] for i in small], options)):
         results[i] = (restored.encode(items[i][1]), restored)
-    return [r for r in results if r is not None]
+    return [results[i] for i in range(len(items))]
 
 
 def restore_bytes(restorer: Restorer, data: bytes, options: RestoreOptions, fmt: str = "PNG",

@@ -113,8 +113,9 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
                + (f" -> bucket {manifest.buckets[result.bucket].label}" if result.bucket is not None else ""))
     click.echo("")
     click.echo(f"{image} {w}x{h} from {lr.shape[1]}x{lr.shape[0]}   PSNR (dB)   SSIM")
-    click.echo(f"  bicubic upsampling               {psnr_b:7.2f}   {ssim_b:.4f}")
-    click.echo(f"  MoR-DASR tiny ({adapter}, {mode})   {psnr_r:7.2f}   {ssim_r:.4f}")
+    for label, psnr, ssim in (("bicubic upsampling", psnr_b, ssim_b),
+                              (f"MoR-DASR tiny ({adapter}, {mode})", psnr_r, ssim_r)):
+        click.echo(f"  {label:<30} {psnr:7.2f}   {ssim:.4f}")
     click.echo(f"restore took {seconds:.2f} s; whole demo {time.perf_counter() - t0:.0f} s")
     click.echo(f"images: {out / 'lr.png'}, {out / 'bicubic.png'}, {out / 'restored.png'}, {out / 'hr.png'}")
     if not np.isfinite(result.image).all():

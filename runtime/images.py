@@ -61,6 +61,12 @@ def as_float(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Straight-alpha colour (..., 3) composited over white; ``alpha`` (...) in [0, 1]."""
+    a = alpha[..., None]
+    return rgb * a + (1.0 - a)
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
@@ -85,8 +91,7 @@ class DecodedImage:
         them as they are), float32 in [0, 1] otherwise."""
         if self.alpha is None:
             return self.pixels
-        a = self.alpha[..., None]
-        return self.rgb * a + (1.0 - a)
+        return over_white(self.rgb, self.alpha)
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -242,7 +247,7 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None =
         known = ", ".join(sorted(set(OUTPUT_FORMATS.values())))
         raise ImageError(f"unsupported output format {fmt!r} (use one of {known})")
     if alpha is not None and fmt not in ALPHA_FORMATS:
-        image = image * alpha[..., None] + (1.0 - alpha[..., None])
+        image = over_white(image, alpha)
         alpha = None
     channels = image if alpha is None else np.concatenate([image, alpha[..., None]], axis=-1)
     buffer = io.BytesIO()

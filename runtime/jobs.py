@@ -29,6 +29,7 @@ from mordasr.runtime.images import (
     check_output_size,
     decode_image,
     encode_image,
+    over_white,
     read_image_full,
     upscale_alpha,
     write_bands,
@@ -144,9 +145,9 @@ def _with_alpha(bands: Iterable[np.ndarray], alpha: Upsampled, keep: bool) -> It
     (formats without alpha), as ``encode_image`` does with a whole image."""
     row = 0
     for rgb in bands:
-        a = alpha.alpha_rows(row, row + len(rgb))[..., None]
+        a = alpha.alpha_rows(row, row + len(rgb))
         row += len(rgb)
-        yield np.concatenate([rgb, a], axis=-1) if keep else rgb * a + (1.0 - a)
+        yield np.concatenate([rgb, a[..., None]], axis=-1) if keep else over_white(rgb, a)
 
 
 def encode_restored(restorer: Restorer, items: list[tuple[DecodedImage, str]],

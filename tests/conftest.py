@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,12 @@ import torch
 from mordasr.model import OneStepSR, preset_config
 
 
-def make_tiny_model(adapter: str = "mor", seed: int = 0) -> OneStepSR:
-    """Random tiny model whose adapters actually change the output (B is zero at init)."""
+def make_tiny_model(adapter: str = "mor", seed: int = 0, **unet: object) -> OneStepSR:
+    """Random tiny model whose adapters actually change the output (B is zero at init); ``unet``
+    overrides the preset's UNet shape (``block_out_channels``, ``layers_per_block``)."""
     torch.manual_seed(seed)
-    model = OneStepSR(preset_config("tiny", adapter=adapter)).eval()
+    config = preset_config("tiny", adapter=adapter)
+    model = OneStepSR(replace(config, unet={**config.unet, **unet})).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -19,10 +19,11 @@ from mordasr.export.bundle import check_mode, export_bundle
 from mordasr.export.graphs import example_inputs
 from mordasr.export.pack_writer import apply_pack, differing_tensors
 from mordasr.model.adapters import MoRLayer
-from mordasr.model.inject import adapter_layers, hybrid_adapters
+from mordasr.model.inject import adapter_layers, fold_adapters, hybrid_adapters
 from mordasr.runtime import Restorer, load_manifest
 from mordasr.runtime.cli import main as run_main
 from mordasr.runtime.compare import compare_backends
+from mordasr.tests.conftest import make_tiny_model
 
 IMAGE = np.random.default_rng(3).uniform(0, 1, (12, 16, 3)).astype(np.float32)
 
@@ -77,6 +78,18 @@ def test_dense_lora_bundle_matches_pytorch(lora_model, dense_lora_bundle):
     # the merged graph has no low-rank branch left: same node count as the base model's UNet
     unet = onnx.load(str(dense_lora_bundle / "unet.onnx"))
     assert not any("lora" in n.name for n in unet.graph.node)
+
+
+@pytest.mark.parametrize("mode", ["folded", "gated"])
+def test_a_wider_deeper_unet_exports_and_matches_pytorch(tiny_buckets, tmp_path, mode):
+    """``mordasr-train base --unet-channels/--unet-layers`` shapes go through export and runtime as
+    they are: the graphs take the shape from the model."""
+    model = make_tiny_model(block_out_channels=(32, 32, 48, 64), layers_per_block=2)
+    export_bundle(model, tmp_path / mode, mode, tiny_buckets[:1])
+    result = Restorer(tmp_path / mode).restore(IMAGE)
+    # folded: one bucket, so the runtime's route is that bucket's centre, folded into the weights
+    reference = fold_adapters(model, torch.tensor(tiny_buckets[0].centre)) if mode == "folded" else model
+    assert np.abs(result.image - _torch_restore(reference, IMAGE)).max() < 1e-4
 
 
 def test_modes_allowed_per_adapter(tiny_model, lora_model, tmp_path, tiny_buckets):

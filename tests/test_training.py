@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -166,6 +167,60 @@ def test_train_cli_base_loss_weights_reach_the_sr_stage_and_are_recorded(tmp_pat
     assert bad.exit_code == 2 and "--latent-weight" in bad.stderr and not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="recon_weight and latent_weight"):
         BaseTrainingConfig(recon_weight=-1).validate()
+
+
+def test_train_cli_base_unet_shape_from_scratch_and_from_a_start(tmp_path):
+    fresh = tmp_path / "fresh"
+    args = ["base", "-o", str(fresh), "--vae-steps", "1", "--sr-steps", "1", "--estimator-steps", "1",
+            "--batch", "1", "--crop", "32", "--unet-channels", "32,32,48,48", "--unet-layers", "2", "-q"]
+    result = CliRunner().invoke(train_main, args)
+    assert result.exit_code == 0, result.output
+    model, _ = load_checkpoint(fresh, add_adapters=False)
+    assert tuple(model.config.unet["block_out_channels"]) == (32, 32, 48, 48)
+    assert model.config.unet["layers_per_block"] == 2 and len(model.unet.down_blocks[0].resnets) == 2
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
+
+    shipped, _ = load_checkpoint(tiny_base_path(), add_adapters=False)
+    wide = tmp_path / "wide"
+    args = ["base", "-o", str(wide), "--from", str(tiny_base_path()), "--stages", "sr", "--sr-steps", "1",
+            "--batch", "1", "--crop", "32", "--unet-channels", "64,96,128,128", "-q"]
+    result = CliRunner().invoke(train_main, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"wrote .*wide \(\d+\.\d MB of weights\)", result.output)
+    model, meta = load_checkpoint(wide, add_adapters=False)
+    assert model.unet.conv_in.weight.shape[0] == 64 and shipped.unet.conv_in.weight.shape[0] == 48
+    assert all(torch.equal(v, shipped.estimator.state_dict()[k]) for k, v in model.estimator.state_dict().items())
+    assert meta["stages_done"] == ["vae", "sr", "estimator"] and "sr_l1" in meta["final_losses"]
+
+
+@pytest.mark.parametrize("channels, message", [
+    ("48,64,96", "4 values, one per UNet level"),
+    ("40,64,96,96", "multiple of 16"),
+    ("48,x,96,96", "comma-separated list of whole numbers"),
+])
+def test_train_cli_base_refuses_a_bad_unet_shape_before_writing(tmp_path, channels, message):
+    result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--unet-channels", channels, "-q"])
+    assert result.exit_code == 2 and message in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_base_new_unet_needs_the_sr_stage_and_a_resume_state_of_another_shape_is_refused(
+        tmp_path, monkeypatch):
+    from mordasr.errors import MordasrError
+    from mordasr.training import base_trainer
+
+    result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--from", str(tiny_base_path()),
+                                             "--stages", "estimator", "--unet-channels", "64,64,96,96", "-q"])
+    assert result.exit_code == 2 and "--stages sr" in result.stderr and not list(tmp_path.iterdir())
+
+    out = tmp_path / "base"
+    cfg = BaseTrainingConfig(sr_steps=2, batch=1, crop=32, checkpoint_every=1)
+    monkeypatch.setattr(base_trainer._Resumable, "clear", lambda self: None)  # keep the run's resume state
+    train_base(out, cfg, quiet=True, stages=("sr",), unet_channels=(32, 32, 48, 48))
+    cfg.sr_steps = 3
+    with pytest.raises(MordasrError, match="written for a model of another shape"):
+        train_base(out, cfg, quiet=True, stages=("sr",), unet_channels=(64, 64, 96, 96))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where PyTorch sees no GPU")

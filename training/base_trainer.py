@@ -26,6 +26,7 @@ import csv
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mordasr.errors import MordasrError
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
@@ -58,7 +60,12 @@ class _Resumable:
         if not self.path.is_file():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        self.module.load_state_dict(state["module"])
+        try:
+            self.module.load_state_dict(state["module"])
+        except RuntimeError as err:  # e.g. --unet-channels changed between the run and its resume
+            detail = str(err).splitlines()[-1].strip()
+            raise MordasrError(f"{self.path} was written for a model of another shape ({detail}); run the "
+                               "command that wrote it again, or remove the file to start the stage over") from None
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         for gen, gen_state in zip(self.generators, state["numpy"]):
@@ -170,6 +177,36 @@ def identity_start(unet: torch.nn.Module) -> None:
         torch.nn.init.zeros_(module.bias)
 
 
+def with_unet_shape(model: OneStepSR, channels: tuple[int, ...] | None = None,
+                    layers: int | None = None) -> OneStepSR:
+    """``model`` with a fresh, identity-started UNet of another width (``channels``, one per level)
+    or depth (``layers`` ResNet blocks per level), its autoencoder and estimator kept; ``model``
+    itself when the shape is already that. The lever for a larger base than the shipped one."""
+    unet = dict(model.config.unet)
+    wanted = {**unet, **({"block_out_channels": tuple(channels)} if channels else {}),
+              **({"layers_per_block": layers} if layers else {})}
+    if channels and len(channels) != len(unet["block_out_channels"]):
+        raise ValueError(f"--unet-channels: {len(unet['block_out_channels'])} values, one per UNet level, "
+                         f"not {len(channels)}")
+    groups, head = unet["norm_num_groups"], unet["attention_head_dim"]
+    if channels and any(c <= 0 or c % groups or c % head for c in channels):
+        raise ValueError(f"--unet-channels: each a positive multiple of {groups} (the UNet's GroupNorm groups), "
+                         f"not {','.join(map(str, channels))}")
+    if (tuple(wanted["block_out_channels"]), wanted["layers_per_block"]) == (
+            tuple(unet["block_out_channels"]), unet["layers_per_block"]):
+        return model
+    reshaped = OneStepSR(replace(model.config, unet=wanted), with_adapters=False)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("unet.")}
+    missing, unexpected = reshaped.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith("unet.") for k in missing)
+    identity_start(reshaped.unet)
+    log.info("a new UNet %s x %d blocks per level (%.2f M parameters) replaces %s x %d",
+             wanted["block_out_channels"], wanted["layers_per_block"],
+             sum(p.numel() for p in reshaped.unet.parameters()) / 1e6, unet["block_out_channels"],
+             unet["layers_per_block"])
+    return reshaped
+
+
 def _latent(model: OneStepSR, x: torch.Tensor) -> torch.Tensor:
     """Latent mean of images in [-1, 1] (unscaled)."""
     return model.vae.quant_conv(model.vae.encoder(x))[:, : model.config.latent_channels]
@@ -275,11 +312,14 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
 
 def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
                stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None,
-               device: str = "cpu") -> Path:
+               device: str = "cpu", unet_channels: tuple[int, ...] | None = None,
+               unet_layers: int | None = None) -> Path:
     """Train the given stages in order and write the base checkpoint after each one.
 
     ``start_from`` continues from an existing base checkpoint (to retrain some stages only);
-    otherwise training starts from random weights. An interrupted stage resumes from its last
+    otherwise training starts from random weights. ``unet_channels`` / ``unet_layers`` give the
+    UNet another shape than the tiny preset's or the start's (``with_unet_shape``: a new UNet,
+    the autoencoder and estimator kept). An interrupted stage resumes from its last
     resume state when the same command runs again, on any ``device`` (``auto``, ``cpu``,
     ``cuda[:N]``): a resume state written on one device resumes on another.
     """
@@ -292,8 +332,6 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     seed_everything(cfg.seed)
     path = Path(out)
-    work = path.parent / f".{path.name}.work"  # resume states and curves live beside the checkpoint
-    work.mkdir(parents=True, exist_ok=True)
     source = start_from if start_from is not None else (path if (path / "config.json").is_file() else None)
     if source is not None:
         model, meta = load_checkpoint(source, add_adapters=False)
@@ -302,6 +340,15 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
     else:
         model, losses, done, history = OneStepSR(preset_config("tiny"), with_adapters=False), {}, [], []
         identity_start(model.unet)
+    reshaped = with_unet_shape(model, unet_channels, unet_layers)
+    if reshaped is not model:
+        if source is not None and "sr" not in stages:
+            raise ValueError("--unet-channels / --unet-layers replace the UNet with a new, untrained one: "
+                             "train it with the sr stage (--stages sr)")
+        model, losses = reshaped, {k: v for k, v in losses.items() if k != "sr_l1"}
+        done = [s for s in done if s != "sr"]
+    work = path.parent / f".{path.name}.work"  # resume states and curves live beside the checkpoint
+    work.mkdir(parents=True, exist_ok=True)
     model.to(target)
     trainers = {"vae": ("vae_l1", train_vae), "sr": ("sr_l1", train_sr),
                 "estimator": ("estimator_bce", train_estimator)}

@@ -195,6 +195,12 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
               help="Start from this base checkpoint instead of random weights (e.g. to retrain only "
                    "the estimator).")
+@click.option("--unet-channels", default=None, metavar="C1,C2,C3,C4", callback=lambda _ctx, _param, text: _ints(text),
+              help="A UNet of another width: channels per level, each a multiple of 16 [default: the "
+                   "start's, or the tiny preset's 48,64,96,96]. With --from, a new UNet (trained from the "
+                   "identity, so run the sr stage) replaces the start's; its autoencoder and estimator are kept.")
+@click.option("--unet-layers", type=click.IntRange(min=1), default=None,
+              help="ResNet blocks per UNet level, as --unet-channels [default: the start's, or 1].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BASE_DEFAULTS.checkpoint_every,
               show_default=True, help="Steps between resume states (and rows of the curves).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -203,13 +209,15 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
          crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, ema: float, stages: str,
-         start_from: Path | None, checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
+         start_from: Path | None, unet_channels: tuple[int, ...] | None, unet_layers: int | None,
+         checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
     \b
     mordasr-train base -o runs/base --data train-hr/                    # the shipped base (see README)
     mordasr-train base -o runs/base --data DIR                          # killed? run it again: it resumes
     mordasr-train base -o runs/base --data DIR --crop 128 --batch 32    # on a GPU (--device auto finds it)
+    mordasr-train base -o runs/wide --from model/pretrained/tiny --stages sr --unet-channels 80,80,96,96
 
     Stages finished are kept in OUT; an unfinished stage resumes from its last resume state
     (OUT/../.OUT.work/.resume/, every --checkpoint-every steps), and the curves of every stage are
@@ -223,10 +231,21 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                          start_from=start_from, device=device)
+                          start_from=start_from, device=device, unet_channels=unet_channels, unet_layers=unet_layers)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
-    click.echo(f"wrote {path}")
+    weights = (path / "model.safetensors").stat().st_size
+    click.echo(f"wrote {path} ({weights / 1e6:.1f} MB of weights)")
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    """A comma-separated list of whole numbers (a click callback: a bad one is a usage error)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole numbers") from None
 
 
 def _number(text: str, option: str) -> float:

@@ -177,14 +177,9 @@ def identity_start(unet: torch.nn.Module) -> None:
         torch.nn.init.zeros_(module.bias)
 
 
-def with_unet_shape(model: OneStepSR, channels: tuple[int, ...] | None = None,
-                    layers: int | None = None) -> OneStepSR:
-    """``model`` with a fresh, identity-started UNet of another width (``channels``, one per level)
-    or depth (``layers`` ResNet blocks per level), its autoencoder and estimator kept; ``model``
-    itself when the shape is already that. The lever for a larger base than the shipped one."""
-    unet = dict(model.config.unet)
-    wanted = {**unet, **({"block_out_channels": tuple(channels)} if channels else {}),
-              **({"layers_per_block": layers} if layers else {})}
+def unet_shape(unet: dict, channels: tuple[int, ...] | None = None, layers: int | None = None) -> dict:
+    """The UNet config ``unet`` with another width (``channels``, one per level) or depth
+    (``layers`` ResNet blocks per level); refused when diffusers' UNet could not take it."""
     if channels and len(channels) != len(unet["block_out_channels"]):
         raise ValueError(f"--unet-channels: {len(unet['block_out_channels'])} values, one per UNet level, "
                          f"not {len(channels)}")
@@ -192,6 +187,17 @@ def with_unet_shape(model: OneStepSR, channels: tuple[int, ...] | None = None,
     if channels and any(c <= 0 or c % groups or c % head for c in channels):
         raise ValueError(f"--unet-channels: each a positive multiple of {groups} (the UNet's GroupNorm groups), "
                          f"not {','.join(map(str, channels))}")
+    return {**unet, **({"block_out_channels": tuple(channels)} if channels else {}),
+            **({"layers_per_block": layers} if layers else {})}
+
+
+def with_unet_shape(model: OneStepSR, channels: tuple[int, ...] | None = None,
+                    layers: int | None = None) -> OneStepSR:
+    """``model`` with a fresh, identity-started UNet of another shape (``unet_shape``), its
+    autoencoder and estimator kept; ``model`` itself when the shape is already that. The lever for
+    a larger base than the shipped one."""
+    unet = model.config.unet
+    wanted = unet_shape(unet, channels, layers)
     if (tuple(wanted["block_out_channels"]), wanted["layers_per_block"]) == (
             tuple(unet["block_out_channels"]), unet["layers_per_block"]):
         return model
@@ -337,16 +343,19 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
         model, meta = load_checkpoint(source, add_adapters=False)
         losses, done = dict(meta.get("final_losses", {})), list(meta.get("stages_done", []))
         history = list(meta.get("history", []))
+        reshaped = with_unet_shape(model, unet_channels, unet_layers)
+        if reshaped is not model:
+            if "sr" not in stages:
+                raise ValueError("--unet-channels / --unet-layers replace the UNet with a new, untrained one: "
+                                 "train it with the sr stage (--stages sr)")
+            model, losses = reshaped, {k: v for k, v in losses.items() if k != "sr_l1"}
+            done = [s for s in done if s != "sr"]
     else:
-        model, losses, done, history = OneStepSR(preset_config("tiny"), with_adapters=False), {}, [], []
+        preset = preset_config("tiny")
+        model = OneStepSR(replace(preset, unet=unet_shape(preset.unet, unet_channels, unet_layers)),
+                          with_adapters=False)
+        losses, done, history = {}, [], []
         identity_start(model.unet)
-    reshaped = with_unet_shape(model, unet_channels, unet_layers)
-    if reshaped is not model:
-        if source is not None and "sr" not in stages:
-            raise ValueError("--unet-channels / --unet-layers replace the UNet with a new, untrained one: "
-                             "train it with the sr stage (--stages sr)")
-        model, losses = reshaped, {k: v for k, v in losses.items() if k != "sr_l1"}
-        done = [s for s in done if s != "sr"]
     work = path.parent / f".{path.name}.work"  # resume states and curves live beside the checkpoint
     work.mkdir(parents=True, exist_ok=True)
     model.to(target)

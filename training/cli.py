@@ -195,7 +195,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
               help="Start from this base checkpoint instead of random weights (e.g. to retrain only "
                    "the estimator).")
-@click.option("--unet-channels", default=None, metavar="C1,C2,C3,C4", callback=lambda _ctx, _param, text: _ints(text),
+@click.option("--unet-channels", default=None, metavar="C1,C2,C3,C4",
               help="A UNet of another width: channels per level, each a multiple of 16 [default: the "
                    "start's, or the tiny preset's 48,64,96,96]. With --from, a new UNet (trained from the "
                    "identity, so run the sr stage) replaces the start's; its autoencoder and estimator are kept.")
@@ -209,7 +209,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
          crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, ema: float, stages: str,
-         start_from: Path | None, unet_channels: tuple[int, ...] | None, unet_layers: int | None,
+         start_from: Path | None, unet_channels: str | None, unet_layers: int | None,
          checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
@@ -230,29 +230,23 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
                              recon_weight=recon_weight, latent_weight=latent_weight, ema=ema,
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
+        channels = None if unet_channels is None else tuple(
+            _number(c, "--unet-channels", int) for c in unet_channels.split(","))
         path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                          start_from=start_from, device=device, unet_channels=unet_channels, unet_layers=unet_layers)
+                          start_from=start_from, device=device, unet_channels=channels, unet_layers=unet_layers)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     weights = (path / "model.safetensors").stat().st_size
     click.echo(f"wrote {path} ({weights / 1e6:.1f} MB of weights)")
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    """A comma-separated list of whole numbers (a click callback: a bad one is a usage error)."""
-    if text is None:
-        return None
+def _number(text: str, option: str, kind: type[float] | type[int] = float) -> float:
+    """One item of a comma-separated option, as ``kind``; a ValueError naming the option otherwise."""
     try:
-        return tuple(int(part) for part in text.split(","))
+        return kind(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole numbers") from None
-
-
-def _number(text: str, option: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{option}: {text.strip()!r} is not a number") from None
+        expected = "a whole number (give a comma-separated list of whole numbers)" if kind is int else "a number"
+        raise ValueError(f"{option}: {text.strip()!r} is not {expected}") from None
 
 
 @main.command()

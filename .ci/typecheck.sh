@@ -17,7 +17,10 @@ if [ ! -f .typing/stubs/tensorrt/__init__.pyi ]; then
 fi
 rm -rf .typing/src && mkdir -p .typing/src/mordasr
 for f in mordasr/*.py; do ln -s "$PWD/$f" ".typing/src/mordasr/$(basename "$f")"; done
-for d in model training export calib runtime serving benchmarks; do ln -s "$PWD/$d" ".typing/src/mordasr/$d"; done
+for d in model training export calib runtime serving benchmarks tests; do ln -s "$PWD/$d" ".typing/src/mordasr/$d"; done
+# The TensorRT builder and runtime, the postprocess module build_engines.sh points Polygraphy at, the
+# typed CUDA calls, and the test stand-in whose classes must keep TensorRT's own signatures.
 MYPYPATH=.typing/stubs:.typing/src "$PY" -m mypy --config-file pyproject.toml \
     -p mordasr.runtime.trt_build -p mordasr.runtime.backends.tensorrt -p mordasr.export.engines \
-    -p mordasr.export.engine_script -p mordasr.runtime.trt_settings -p mordasr.lazy
+    -p mordasr.export.engine_script -p mordasr.runtime.trt_settings -p mordasr.lazy \
+    -p mordasr.runtime.trt_postprocess -p mordasr.runtime.cuda_runtime -p mordasr.tests.tensorrt_standin

@@ -98,7 +98,7 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
                   opset: int = DEFAULT_OPSET, slim: bool = True, force: bool = False,
                   source: dict | None = None, random_weights: bool = False,
                   weight_packs: bool = True, profile: dict[str, list[int]] | None = None,
-                  lint_tensorrt: tuple[int, ...] = TENSORRT_MAJORS,
+                  max_batch: int = 1, lint_tensorrt: tuple[int, ...] = TENSORRT_MAJORS,
                   external_threshold: int = EXTERNAL_DATA_THRESHOLD,
                   on_graph: Callable[[str], None] | None = None) -> Manifest:
     if not model.has_adapters:
@@ -106,6 +106,8 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
     check_mode(model.config.adapter.kind, mode)
     if not buckets:
         raise MordasrError("at least one bucket is needed")
+    if max_batch < 1:
+        raise MordasrError(f"max_batch must be at least 1, not {max_batch}")
     out = Path(out)
     if out.exists() and not force:
         raise MordasrError(f"{out} already exists (pass --force to replace it)")
@@ -143,7 +145,7 @@ def export_bundle(model: OneStepSR, out: str | Path, mode: str, buckets: list[Bu
                        "sqrt_one_minus_alpha_prod": model.schedule.sqrt_one_minus_alpha_prod,
                        "latent_scale": cfg.latent_scale},
             buckets=buckets, bucket_rule=BUCKET_RULE, graphs=graphs, weight_packs=packs,
-            profile=dict(profile or default_profile(cfg.preset)),
+            profile=dict(profile or default_profile(cfg.preset)), max_batch=max_batch,
             random_weights=random_weights,
             source=dict(source or {}, opset=opset, tensorrt_lint=list(lint_tensorrt)),
             mordasr_version=__version__)

@@ -58,8 +58,13 @@ _fail = failer("mordasr-export")
                    "estimate is taken here [default: the device's, else 512 for tiny, 1024 for sd21].")
 @precision_map_options("--fp16/--int8 and the device profile (whose FP32 fallbacks are the default)")
 @click.option("--refittable", is_flag=True,
-              help="Engines: build refittable engines; a folded bundle then builds bucket 0 only "
-                   "and switches buckets by refit from its weight packs.")
+              help="Engines: build bucket 0's encoder and UNet refittable; a folded bundle then builds "
+                   "bucket 0 only and switches buckets by refit from its weight packs. Implied by a --device "
+                   "whose bucket switch is refit (or one that only fits that way).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Engines: images per graph call the profiles take (mordasr-serve's --max-batch-size, "
+                   "Restorer.restore_batch); the router's profile takes 4 windows per image. The runtime "
+                   "splits larger batches. Memory is estimated at this batch [default: the device's, else 1].")
 @click.option("--workspace-mb", type=click.IntRange(min=16), default=None,
               help="Engines: builder workspace limit in MiB [default: the device's, else 4096].")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=None,
@@ -91,7 +96,7 @@ _fail = failer("mordasr-export")
 def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket_placement: str,
          calib_samples: int, no_weight_packs: bool, device: str | None, min_size: str, opt_size: str,
          max_size: str, component_precision: str | None, fp32_fallback: tuple[str, ...], refittable: bool,
-         workspace_mb: int | None, opt_level: int | None, strongly_typed: bool, build_now: bool,
+         max_batch: int | None, workspace_mb: int | None, opt_level: int | None, strongly_typed: bool, build_now: bool,
          triton_dir: Path | None, opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
          force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
@@ -137,7 +142,7 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
                                 for k, v in (("min", min_size), ("opt", opt_size), ("max", max_size))},
                          workspace_mb=workspace_mb, optimization_level=opt_level, precision=precision,
                          component_precision=parse_precision_map(component_precision),
-                         fp32_fallback=fp32_fallback or None, mode=mode)
+                         fp32_fallback=fp32_fallback or None, mode=mode, max_batch=max_batch)
         headline = plan.headline_precision
         fp32_out = out.with_name(out.name + "-fp32") if headline else out
         for path in {out, fp32_out}:
@@ -165,9 +170,9 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
 
                 export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim, force=True,
                               random_weights=bool(meta.get("random_weights")), weight_packs=not no_weight_packs,
-                              profile=plan.sizes, source={**checkpoint_source(checkpoint, fp32_out),
-                                                          "bucket_placement": bucket_placement,
-                                                          **imported_source(meta)},
+                              profile=plan.sizes, max_batch=plan.max_batch,
+                              source={**checkpoint_source(checkpoint, fp32_out), "bucket_placement": bucket_placement,
+                                      **imported_source(meta)},
                               on_graph=on_graph)
             written.append(fp32_out)
             if headline:
@@ -184,12 +189,15 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
 
         estimate, switch, written = export_to_fit(plan, out, export_mode,
                                                   lambda text: click.echo(f"note: {text}", err=True))
+        # A bundle whose buckets are switched by refit gets engines that can refit.
+        engine_options = replace(engine_options, refittable=engine_options.refittable or switch == "refit")
         for path in written:
             bundle_manifest = load_manifest(path)
             path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
             cpu = estimate_bundle(path, bundle_manifest, path_estimate.output_size, runtime="onnxruntime-cpu")
             memory = {**path_estimate.to_dict(), "onnxruntime_cpu_total_mib": round(cpu.total / MIB, 1)}
-            replace(bundle_manifest, device=device_record(plan, switch), memory=memory).write(path)
+            replace(bundle_manifest, device=device_record(plan, switch), memory=memory,
+                    engine_options=engine_options.to_dict()).write(path)
             write_engine_scripts(path, load_manifest(path), engine_options)
         written = []  # complete bundles from here on: an engine build failure keeps them
         if build_now:

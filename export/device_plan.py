@@ -31,6 +31,7 @@ class ExportPlan:
     modes: list[str]  # candidates in order
     bucket_switch: str = "graphs"
     max_engines: int | None = None
+    max_batch: int = 1  # images per graph call the engines' profiles take
     device: DeviceProfile | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -45,7 +46,8 @@ def make_plan(preset_profile: dict[str, list[int]], allowed_modes: tuple[str, ..
               device: DeviceProfile | None = None, sizes: dict[str, tuple[int, int] | None] | None = None,
               workspace_mb: int | None = None, optimization_level: int | None = None,
               precision: str | None = None, component_precision: dict[str, str] | None = None,
-              fp32_fallback: tuple[str, ...] | None = None, mode: str | None = None) -> ExportPlan:
+              fp32_fallback: tuple[str, ...] | None = None, mode: str | None = None,
+              max_batch: int | None = None) -> ExportPlan:
     sizes = sizes or {}
     notes = []
     chosen_sizes = {}
@@ -84,6 +86,7 @@ def make_plan(preset_profile: dict[str, list[int]], allowed_modes: tuple[str, ..
         precisions=base, fp32_fallback=fallback, modes=modes,
         bucket_switch=device.bucket_switch if device is not None else "graphs",
         max_engines=device.max_engines if device is not None else None,
+        max_batch=max_batch or (device.max_batch if device is not None else 1),
         device=device, notes=notes)
 
 

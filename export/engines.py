@@ -16,22 +16,11 @@ from pathlib import Path
 from mordasr.export.engine_script import SCRIPT_NAME
 from mordasr.lazy import MissingDependency
 from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.cuda_runtime import device_capability
 from mordasr.runtime.engine_names import engine_file_name
 from mordasr.runtime.manifest import EngineSpec, load_manifest, sha256_file
 from mordasr.runtime.trt_build import build_engine, tensorrt_version
-from mordasr.runtime.trt_settings import EngineOptions, engine_graphs, profile_shapes
-
-
-def device_compute_capability() -> str:
-    from mordasr.lazy import import_optional
-
-    cudart = import_optional("cuda.bindings.runtime", "reading the GPU's compute capability")
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        from mordasr.errors import MordasrError
-
-        raise MordasrError(f"no CUDA device: {err}")
-    return f"{props.major}.{props.minor}"
+from mordasr.runtime.trt_settings import EngineOptions, engine_graphs, graph_refittable, profile_shapes
 
 
 def build_engines(bundle_dir: str | Path, options: EngineOptions,
@@ -43,7 +32,7 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions,
         version = tensorrt_version()
     except MissingDependency as err:
         raise MissingDependency(f"{err}; or run {SCRIPT_NAME} on the device") from None
-    cc = device_compute_capability()
+    cc = device_capability()
     timing_cache = bundle_dir / "engines" / f"timing.sm{cc.replace('.', '')}.trt{version}.cache"
     built = []
     for graph in engine_graphs(manifest, options.refittable):
@@ -54,8 +43,9 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions,
         built.append(EngineSpec(graph.key, file, sha256_file(bundle_dir / file), cc, str(version),
                                 graph.precision,
                                 profile_shapes(manifest, graph, options.min_size, options.opt_size,
-                                               options.max_size, options.batch),
-                                options.refittable, round(time.perf_counter() - start, 2)))
+                                               options.max_size),
+                                graph_refittable(manifest, graph, options.refittable),
+                                round(time.perf_counter() - start, 2)))
         if on_engine:
             on_engine(file)
     keep = [e for e in manifest.engines if e.file not in {b.file for b in built}]

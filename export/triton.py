@@ -18,6 +18,7 @@ from pathlib import Path
 from mordasr.errors import BundleError, MordasrError
 from mordasr.runtime.atomic import atomic_directory, atomic_write
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest
+from mordasr.runtime.trt_settings import graph_batch
 
 PIPELINE_MODEL = "mordasr"
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -71,6 +72,11 @@ def _engine_for(manifest: Manifest, graph: GraphSpec):
     return None
 
 
+def windows_per_image(manifest: Manifest, graph: GraphSpec) -> int:
+    """Batch entries one image puts into ``graph``: the router's windows, else 1."""
+    return graph_batch(manifest, graph)[2] // manifest.max_batch
+
+
 def component_config(manifest: Manifest, graph: GraphSpec, options: TritonOptions) -> tuple[str, str, int]:
     """(config.pbtxt text, model file to copy, max batch size: 0 when not batched) for one graph."""
     name = model_name(graph)
@@ -78,7 +84,9 @@ def component_config(manifest: Manifest, graph: GraphSpec, options: TritonOption
     if options.engines and engine is None:
         raise BundleError(f"the bundle has no {graph.precision} engine for {graph.key}; build them "
                           "(build_engines.sh, or mordasr-export --engines) and write the repository again")
-    max_batch = options.max_batch_size
+    # never more than the runtime sends the graph: up to --max-batch-size images (at most the
+    # bundle's max_batch), and the router 4 windows per image; an engine's profile may take fewer
+    max_batch = windows_per_image(manifest, graph) * min(options.max_batch_size, manifest.max_batch)
     batched = all(isinstance(t.shape[0], str) for t in graph.inputs + graph.outputs)
     if engine is not None:
         # Triton batches an engine only within its optimization profile's batch range
@@ -126,7 +134,7 @@ def write_triton_repository(bundle_dir: str | Path, repo_dir: str | Path, option
         models, batch_limits = {}, []
         for graph in manifest.graphs:
             text, file, max_batch = component_config(manifest, graph, options)
-            batch_limits.append(max(1, max_batch))
+            batch_limits.append(max(1, max_batch // windows_per_image(manifest, graph)))  # images per call
             name = model_name(graph)
             version = staging / name / "1"
             version.mkdir(parents=True)

@@ -52,6 +52,7 @@ class DeviceProfile:
     modes: list[str]  # export modes in order of preference; the first that fits is used
     bucket_switch: str = "graphs"  # folded buckets: one engine each, or one refitted engine
     max_engines: int = 8  # engines held at once (the LRU's capacity)
+    max_batch: int = 1  # images per graph call the engines' profiles take (a server's batch)
     source: str = ""
     file: str = field(default="", compare=False)
 
@@ -113,8 +114,8 @@ class DeviceProfile:
             fail(f"modes must list export modes from {', '.join(EXPORT_MODES)}")
         if self.bucket_switch not in BUCKET_SWITCHES:
             fail(f"bucket_switch is one of {', '.join(BUCKET_SWITCHES)}")
-        if self.max_engines < 1 or self.builder.workspace_mb < 16:
-            fail("max_engines must be >= 1 and builder.workspace_mb >= 16")
+        if self.max_engines < 1 or self.max_batch < 1 or self.builder.workspace_mb < 16:
+            fail("max_engines and max_batch must be >= 1 and builder.workspace_mb >= 16")
 
 
 def _builtin_files() -> dict[str, Path]:

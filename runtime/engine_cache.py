@@ -10,11 +10,13 @@ TensorRT version) and shared by every bundle built there. No TensorRT import in 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from mordasr.runtime.manifest import sha256_file
 
 CACHE_ENV = "MORDASR_ENGINE_CACHE"
 INDEX = "index.json"
+LOCK = "index.lock"
 
 
 def default_cache_dir() -> Path:
@@ -104,13 +107,25 @@ class EngineCache:
                                                            for n, shapes in other["profile"])})
         return f"the cached engine for {key.graph} differs: " + "; ".join(key.differences(other_key))
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the index's lock: processes building different graphs into one cache each read,
+        extend and rewrite the index in turn, so none loses another's entry."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def store(self, key: EngineKey, plan: bytes, build_seconds: float) -> Path:
         path = atomic_write(self.root / key.file_name, plan)
-        entries = [e for e in self._index() if e["digest"] != key.digest]
-        entries.append({"digest": key.digest, "file": key.file_name, "sha256": sha256_file(path),
-                        "key": asdict(key), "build_seconds": round(build_seconds, 2),
-                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self._write_index(entries)
+        entry = {"digest": key.digest, "file": key.file_name, "sha256": sha256_file(path),
+                 "key": asdict(key), "build_seconds": round(build_seconds, 2),
+                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with self._locked():
+            self._write_index([e for e in self._index() if e["digest"] != key.digest] + [entry])
         return path
 
     def entry(self, key: EngineKey) -> dict | None:

@@ -112,6 +112,10 @@ class Manifest:
     engines: list[EngineSpec] = field(default_factory=list)
     latent_downsample: int = 8  # image pixels per latent pixel (for shape profiles)
     profile: dict[str, list[int]] = field(default_factory=dict)  # output [h, w] px: min/opt/max
+    # Images per graph call the runtime sends at most (it splits larger batches); the engines'
+    # profiles take that many (the router that many times its windows per image).
+    max_batch: int = 1
+    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineOptions the exporter used
     device: dict[str, Any] = field(default_factory=dict)  # the device profile exported for, if any
     memory: dict[str, Any] = field(default_factory=dict)  # the exporter's memory estimate at max size
     schema_version: int = SCHEMA_VERSION
@@ -146,7 +150,7 @@ class Manifest:
         """sha256 of what the bundle computes (graphs, packs, buckets, scheduler), not of the engines
         built from it: the engine cache key."""
         data = self.to_dict()
-        for volatile in ("engines", "memory", "source", "mordasr_version"):
+        for volatile in ("engines", "memory", "source", "mordasr_version", "engine_options"):
             data.pop(volatile, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -213,6 +217,8 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
         raise BundleError(f"{path}: unknown export mode {manifest.mode!r}")
     if manifest.precision not in PRECISIONS:
         raise BundleError(f"{path}: unknown precision {manifest.precision!r}")
+    if not isinstance(manifest.max_batch, int) or manifest.max_batch < 1:
+        raise BundleError(f"{path}: max_batch must be a positive integer, not {manifest.max_batch!r}")
     if verify_hashes:
         checked = [(g.file, g.sha256) for g in manifest.graphs]
         checked += [(g.external_data, g.external_sha256) for g in manifest.graphs if g.external_data]

@@ -23,7 +23,7 @@ from mordasr.errors import ImageError, MordasrError
 from mordasr.runtime.backends import create_backend
 from mordasr.runtime.images import as_float, resize
 from mordasr.runtime.manifest import GraphSpec, load_manifest
-from mordasr.runtime.routing import nearest_bucket, router_windows
+from mordasr.runtime.routing import MAX_WINDOWS, nearest_bucket, router_windows
 from mordasr.runtime.tiling import TiledBlend, Tiling
 
 log = logging.getLogger("mordasr.runtime")
@@ -84,6 +84,16 @@ class Restorer:
         self.sqrt_alpha = np.float32(sched["sqrt_alpha_prod"])
         self.sqrt_one_minus_alpha = np.float32(sched["sqrt_one_minus_alpha_prod"])
         self.fallbacks: Counter[str] = Counter()  # graph key -> times rerun in FP32
+
+    def close(self) -> None:
+        """Free the backend's sessions, engines and buffers (``with Restorer(...) as r:`` does it)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Restorer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def device_warnings(self) -> list[str]:
         """How this machine differs from the device profile the bundle was exported for."""
@@ -216,27 +226,33 @@ class Restorer:
             else:
                 padded[i] = self._pad(image)
                 groups.setdefault((padded[i].shape, buckets[i]), []).append(i)
-        for (_, bucket), members in groups.items():
-            out = self._restore_whole(np.concatenate([padded[i] for i in members]), bucket,
-                                      scores[members].astype(np.float32))
-            for row, i in enumerate(members):
-                results[i] = RestoreResult(self._crop(out[row], images[i]), scores[i], bucket)
+        step = self.manifest.max_batch  # what the graphs' profiles take: a larger group runs in parts
+        for (_, bucket), group in groups.items():
+            for members in (group[i:i + step] for i in range(0, len(group), step)):
+                out = self._restore_whole(np.concatenate([padded[i] for i in members]), bucket,
+                                          scores[members].astype(np.float32))
+                for row, i in enumerate(members):
+                    results[i] = RestoreResult(self._crop(out[row], images[i]), scores[i], bucket)
         return results
 
     def scores_batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Degradation scores (N, D) of several images in one router call."""
         views = [_router_views(image, self.manifest.router_image_size) for image in images]
         batch = np.ascontiguousarray(np.concatenate(views).transpose(0, 3, 1, 2), dtype=np.float32)
-        scores = self._run("router", None, image=batch)
+        step = MAX_WINDOWS * self.manifest.max_batch  # the router profile's largest batch
+        scores = np.concatenate([self._run("router", None, image=batch[i:i + step])
+                                 for i in range(0, len(batch), step)])
         per_image = np.split(scores, np.cumsum([len(v) for v in views])[:-1])
         return np.stack([part.mean(axis=0) for part in per_image])
 
     def _padded_index(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and columns of an image padded (reflect) to the multiple the graphs need."""
+        """Rows and columns of an image padded (reflect) to the multiple the graphs need, and up to
+        the smallest size the backend's graphs take (a TensorRT profile's minimum)."""
         m = self.manifest.lr_multiple
+        least_h, least_w = self.backend.min_input or (0, 0)
         mode = "reflect" if min(height, width) > 1 else "edge"
-        return (np.pad(np.arange(height), (0, (-height) % m), mode=mode),
-                np.pad(np.arange(width), (0, (-width) % m), mode=mode))
+        return (np.pad(np.arange(height), (0, max((-height) % m, least_h - height)), mode=mode),
+                np.pad(np.arange(width), (0, max((-width) % m, least_w - width)), mode=mode))
 
     def is_tiled(self, image: np.ndarray, tiling: Tiling = Tiling()) -> bool:
         """Whether ``image`` runs in tiles with ``tiling``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 BUCKET_RULE = "nearest-euclidean"
+MAX_WINDOWS = 4  # windows the router scores per image at most (two per axis)
 
 
 def nearest_bucket(scores: np.ndarray, centres: np.ndarray) -> np.ndarray:

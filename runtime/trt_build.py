@@ -7,7 +7,8 @@ beside the graph), the builder config (``CreateConfig``: precision flags, shape 
 pools, refit, optimization level, timing cache) and the build (``EngineBytesFromNetwork``, which
 locks the timing cache file and combines it with what other builds wrote before saving, so two
 builders sharing a device's cache lose nothing). mordasr adds what only TensorRT's API can say:
-REFIT_INDIVIDUAL and the weights it may refit (``refit_postprocess``), with every call checked.
+REFIT_INDIVIDUAL and the weights it may refit (``runtime/trt_postprocess.py``, the module
+``build_engines.sh`` points Polygraphy at), with every call checked.
 
 ``tensorrt`` and ``polygraphy`` are imported lazily; under ``TYPE_CHECKING`` mypy reads the real
 TensorRT API (``tensorrt-stubs``), so a misspelt method fails CI, not a Jetson.
@@ -23,7 +24,14 @@ from mordasr.errors import MordasrError
 from mordasr.lazy import lazy_import
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
-from mordasr.runtime.trt_settings import BuildSettings, EngineOptions, build_settings, profile_shapes
+from mordasr.runtime.trt_postprocess import mark_refittable, refit_individual
+from mordasr.runtime.trt_settings import (
+    BuildSettings,
+    EngineOptions,
+    build_settings,
+    graph_refittable,
+    profile_shapes,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -33,33 +41,20 @@ else:
 polygraphy_trt = lazy_import("polygraphy.backend.trt", "building TensorRT engines", "polygraphy")
 
 
-class TensorRTUnavailable(MordasrError):
-    """``tensorrt`` does not import here."""
-
-
 def tensorrt_version() -> TensorRTVersion:
     """The installed TensorRT's version (raises ``MissingDependency`` where it does not import)."""
     return TensorRTVersion.parse(trt.__version__)
 
 
-def mark_refittable(names: Sequence[str]) -> Callable[..., None]:
-    """A Polygraphy network postprocess that marks exactly ``names`` refittable (REFIT_INDIVIDUAL).
-
-    ``mark_weights_refittable`` returns False for a name the network does not hold as a weight;
-    a build that went on would fail at the first refit on the device, so it stops here.
-    """
+def _mark(names: Sequence[str]) -> Callable[..., None]:
+    """A Polygraphy network postprocess marking exactly ``names`` refittable."""
     def postprocess(network: trt.INetworkDefinition) -> None:
-        refused = [name for name in names if not network.mark_weights_refittable(name)]
-        if refused:
-            raise MordasrError(f"TensorRT would not mark {len(refused)} weight-pack tensors refittable "
-                               f"(e.g. {refused[0]}): the pack does not match the graph; re-export the bundle")
+        try:
+            mark_refittable(network, names)
+        except RuntimeError as err:
+            raise MordasrError(str(err)) from None
 
     return postprocess
-
-
-def refit_individual(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> None:
-    """Polygraphy config postprocess: only the marked weights are refittable (TensorRT 11.3+)."""
-    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
 
 
 def memory_pools(options: EngineOptions) -> dict[trt.MemoryPoolType, int]:
@@ -72,7 +67,7 @@ def engine_loader(onnx_path: Path, settings: BuildSettings, profile: dict[str, l
     p = polygraphy_trt
     network = p.NetworkFromOnnxPath(str(onnx_path), strongly_typed="STRONGLY_TYPED" in settings.network_flags)
     if settings.refit_only_packs:
-        network = p.PostprocessNetwork(network, mark_refittable(refit_names), name="mark_refittable")
+        network = p.PostprocessNetwork(network, _mark(refit_names), name="mark_refittable")
     shapes = p.Profile()
     for name, (lo, opt, hi) in profile.items():
         shapes.add(name, min=lo, opt=opt, max=hi)
@@ -98,8 +93,9 @@ def build_engine(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, options
                  timing_cache: Path) -> bytes:
     """The serialized engine of one graph, with mordasr's build decisions for this TensorRT."""
     version = tensorrt_version()
-    settings = build_settings(version, graph.precision, options.refittable, options.strongly_typed)
-    profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size, options.batch)
+    settings = build_settings(version, graph.precision, graph_refittable(manifest, graph, options.refittable),
+                              options.strongly_typed)
+    profile = profile_shapes(manifest, graph, options.min_size, options.opt_size, options.max_size)
     names = pack_names(bundle_dir, manifest, graph) if settings.refit_only_packs else []
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     plan = engine_loader(bundle_dir / graph.file, settings, profile, options, timing_cache, names)()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from mordasr.errors import MordasrError
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
+from mordasr.runtime.routing import MAX_WINDOWS
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 4096
@@ -35,15 +36,27 @@ DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
 
 @dataclass
 class EngineOptions:
+    """How a bundle's engines are built. The exporter records them in the manifest
+    (``Manifest.engine_options``), and the runtime's engine cache builds with the same ones, so an
+    engine is the same whichever side built it. The batch sizes are not here: they come from what
+    the runtime sends (``graph_batch``)."""
+
     min_size: str = "256"
     opt_size: str = "512"
     max_size: str = "1024"
-    batch: tuple[int, int, int] = (1, 1, 1)
-    refittable: bool = False
+    refittable: bool = False  # folded bundles: bucket 0's encoder and UNet refittable (``graph_refittable``)
     strongly_typed: bool | None = None
     workspace_mb: int = DEFAULT_WORKSPACE_MB
     optimization_level: int = DEFAULT_OPT_LEVEL
     tactic_dram_mb: int | None = None  # cap on builder tactic memory (unified memory on Jetson)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineOptions":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
     def pool_limits_mb(self) -> dict[str, int]:
         """Memory pool caps by ``trt.MemoryPoolType`` name (Polygraphy's ``--pool-limit`` names
@@ -54,6 +67,25 @@ class EngineOptions:
             # uncapped build runs out of memory for an engine that would fit (NVIDIA/TensorRT#3355).
             pools["TACTIC_DRAM"] = self.tactic_dram_mb
         return pools
+
+
+def graph_refittable(manifest: Manifest, graph: GraphSpec, refittable: bool) -> bool:
+    """Whether ``graph``'s engine is built refittable: only the graphs whose weights differ between
+    folded buckets (bucket 0's encoder and UNet, which have weight packs) are; the router and the
+    decoder would be refittable for nothing (and slower, and refused by trtexec on TensorRT 11.3+)."""
+    return (refittable and not graph.fallback and graph.bucket == 0
+            and manifest.weight_pack(graph.component, 0) is not None)
+
+
+def graph_batch(manifest: Manifest, graph: GraphSpec) -> tuple[int, int, int]:
+    """(min, opt, max) batch of a graph's profile: what the runtime feeds it. The router scores up
+    to ``MAX_WINDOWS`` native-resolution windows of each image, for up to ``manifest.max_batch``
+    images at once (``Restorer.scores_batch``); the encoder, UNet and decoder take at most
+    ``manifest.max_batch`` images (``Restorer.restore_batch`` splits a larger group), and a tiled
+    image runs one tile at a time."""
+    if graph.component == "router":
+        return 1, MAX_WINDOWS, MAX_WINDOWS * manifest.max_batch
+    return 1, 1, manifest.max_batch
 
 
 def engine_graphs(manifest: Manifest, refittable: bool) -> list[GraphSpec]:
@@ -159,15 +191,14 @@ def _dims_for(manifest: Manifest, out_hw: tuple[int, int], round_up: bool) -> di
     return dims
 
 
-def profile_shapes(manifest: Manifest, graph: GraphSpec, min_size, opt_size, max_size,
-                   batch: tuple[int, int, int] = (1, 1, 1)) -> dict[str, list[list[int]]]:
-    """{input name: [min, opt, max] shape} for one graph from output sizes in pixels."""
+def profile_shapes(manifest: Manifest, graph: GraphSpec, min_size, opt_size, max_size) -> dict[str, list[list[int]]]:
+    """{input name: [min, opt, max] shape} for one graph from output sizes in pixels; the batch
+    dimension from ``graph_batch``."""
     sizes = [parse_size(v) for v in (min_size, opt_size, max_size)]
     for lo, hi in zip(sizes, sizes[1:]):
         if lo[0] > hi[0] or lo[1] > hi[1]:
             raise MordasrError("profile sizes must satisfy min <= opt <= max on both sides")
-    if not batch[0] <= batch[1] <= batch[2]:
-        raise MordasrError("batch sizes must satisfy min <= opt <= max")
+    batch = graph_batch(manifest, graph)
     named = [_dims_for(manifest, hw, round_up=i == 2) for i, hw in enumerate(sizes)]
     profile = {}
     for tensor in graph.inputs:
@@ -188,7 +219,35 @@ def profile_shapes(manifest: Manifest, graph: GraphSpec, min_size, opt_size, max
     return profile
 
 
+def min_input_size(manifest: Manifest, min_size: str | int) -> tuple[int, int]:
+    """The smallest LR (height, width) an engine built at ``min_size`` takes; the runtime pads a
+    smaller image up to it."""
+    dims = _dims_for(manifest, parse_size(min_size), round_up=False)
+    return dims["height"], dims["width"]
+
+
 def format_shape(name: str, shape: list[int]) -> str:
     return f"{name}:{'x'.join(map(str, shape))}"
+
+
+def profile_advice(graph: str, name: str, shape: tuple[int, ...], profile: list[list[int]] | None,
+                   max_batch: int) -> str:
+    """Why an engine's profile refuses an input shape, and what to do about it."""
+    head = f"{graph}: input {name} of shape {tuple(shape)} is outside the engine's profile"
+    if profile is None:
+        return f"{head}; rebuild the engine (bash build_engines.sh)"
+    lo, _, hi = profile
+    head += f" ({tuple(lo)} .. {tuple(hi)})"
+    if len(shape) != len(hi):
+        return f"{head}: the engine was built from another graph; rebuild it (bash build_engines.sh)"
+    if shape[0] > hi[0]:
+        return (f"{head}: a batch of {shape[0]}, the engine takes {hi[0]}; the bundle records max_batch "
+                f"{max_batch}: the engine was built for another bundle, rebuild it (bash build_engines.sh), or "
+                "re-export with a larger --max-batch")
+    if any(s > h for s, h in zip(shape[2:], hi[2:])):
+        return f"{head}: larger than its largest size; tile smaller (--tile) or re-export with a larger --max-size"
+    if any(s < low for s, low in zip(shape[2:], lo[2:])):
+        return f"{head}: smaller than its smallest size; re-export with a smaller --min-size"
+    return f"{head}; rebuild the engine (bash build_engines.sh)"
 
 

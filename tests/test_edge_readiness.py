@@ -284,6 +284,42 @@ def test_cache_builds_once_rebuilds_on_mismatch_and_explains_without_tensorrt(tm
     assert cache.timing_cache("8.7", "10.3") != cache.timing_cache("9.0", "10.3")
 
 
+def _store_entries(root: str, worker: int, count: int) -> None:
+    cache = EngineCache(root)
+    for i in range(count):
+        key = EngineKey.make(f"g{worker}.{i}", "8.7", "10.3.0", "fp32", {"x": [[1], [1], [1]]}, "h")
+        cache.store(key, b"plan", 0.0)
+
+
+def test_concurrent_builds_into_one_cache_lose_no_index_entry(tmp_path):
+    """Four processes store engines of different graphs at once: the index's read-extend-rewrite
+    runs under a lock, so every entry survives."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_store_entries, args=(str(tmp_path), w, 15)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert len(index) == 60 and len({e["digest"] for e in index}) == 60
+
+
+def test_cache_builds_use_the_options_the_exporter_recorded(folded_bundle):
+    from mordasr.runtime.backends.tensorrt import engine_options
+    from mordasr.runtime.trt_settings import EngineOptions
+
+    recorded = EngineOptions("64", "128", "256", refittable=True, strongly_typed=True, workspace_mb=512,
+                             optimization_level=5, tactic_dram_mb=700)
+    manifest = replace(load_manifest(folded_bundle), engine_options=recorded.to_dict())
+    assert engine_options(manifest) == recorded
+    older = replace(manifest, engine_options={}, device={"bucket_switch": "refit", "builder": {"workspace_mb": 900}})
+    derived = engine_options(older)  # a bundle from before the record: its profile and device caps
+    assert (derived.max_size, derived.refittable, derived.workspace_mb) == ("512x512", True, 900)
+
+
 def test_manifest_hash_ignores_engines_but_not_graphs(folded_bundle):
     manifest = load_manifest(folded_bundle)
     from mordasr.runtime.manifest import EngineSpec

@@ -34,10 +34,27 @@ def test_repository_is_valid_and_matches_the_graphs(bundle, request, tmp_path):
     config = (tmp_path / "repo" / "mordasr_unet" / "config.pbtxt") if manifest.mode == "gated" else \
         (tmp_path / "repo" / "mordasr_unet_b1" / "config.pbtxt")
     text = config.read_text()
-    assert "max_batch_size: 8" in text and "dynamic_batching" in text and "dims: [ 8, -1, -1 ]" in text
+    # never more than the runtime sends: the bundle's max_batch (1), the router 4 windows an image
+    assert manifest.max_batch == 1 and "max_batch_size: 1" in text and "dynamic_batching" not in text
+    assert "dims: [ 8, -1, -1 ]" in text
+    router = (tmp_path / "repo" / "mordasr_router" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in router and "dynamic_batching" in router
     pipeline = json.loads((tmp_path / "repo" / "mordasr" / "1" / "pipeline.json").read_text())
     assert set(pipeline["models"]) == {g.key for g in manifest.graphs}
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_repository_batches_what_the_bundle_was_exported_for(folded_bundle, tmp_path):
+    from dataclasses import replace
+
+    bundle = tmp_path / "b"
+    shutil.copytree(folded_bundle, bundle)
+    replace(load_manifest(bundle), max_batch=4).write(bundle)
+    write_triton_repository(bundle, tmp_path / "repo")
+    unet = (tmp_path / "repo" / "mordasr_unet_b1" / "config.pbtxt").read_text()
+    router = (tmp_path / "repo" / "mordasr_router" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in unet and "dynamic_batching" in unet
+    assert "max_batch_size: 16" in router  # 4 windows for each of 4 images
 
 
 def test_validation_finds_what_triton_would_refuse(folded_bundle, tmp_path):
@@ -63,7 +80,7 @@ def test_engine_repository_uses_tensorrt_plans(folded_bundle, tmp_path):
     """Config logic only: the plan files are placeholders, never loaded (no TensorRT here)."""
     bundle = tmp_path / "bundle"
     shutil.copytree(folded_bundle, bundle)
-    manifest = load_manifest(bundle)
+    manifest = replace(load_manifest(bundle), max_batch=4)
     engines = []
     for g in manifest.graphs:
         file = f"engines/{g.key}.sm87.trt10.3.0.fp32.plan"
@@ -80,8 +97,10 @@ def test_engine_repository_uses_tensorrt_plans(folded_bundle, tmp_path):
     assert 'platform: "tensorrt_plan"' in text and "max_batch_size: 4" in text and "KIND_GPU" in text
     assert (tmp_path / "repo" / "mordasr_unet_b0" / "1" / "model.plan").read_bytes() == b"placeholder"
     assert validate_repository(tmp_path / "repo") == []
+    router = (tmp_path / "repo" / "mordasr_router" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in router  # the engine's profile, below the 16 windows of 4 images
     pipeline = json.loads((tmp_path / "repo" / "mordasr" / "1" / "pipeline.json").read_text())
-    assert pipeline["max_batch_size"] == 4
+    assert pipeline["max_batch_size"] == 1  # so the pipeline sends one image (4 windows) at a time
     with pytest.raises(Exception, match="no fp32 engine for"):
         replace(manifest, engines=engines[1:]).write(bundle)
         write_triton_repository(bundle, tmp_path / "repo2", TritonOptions(engines=True))
@@ -163,7 +182,9 @@ def _stand_in_pb_utils(repo):
 
 @pytest.mark.parametrize("bundle", ["folded_bundle", "gated_bundle"])
 def test_pipeline_model_equals_mordasr_run(bundle, request, tmp_path, monkeypatch):
-    bundle_dir = request.getfixturevalue(bundle)
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(request.getfixturevalue(bundle), bundle_dir)
+    replace(load_manifest(bundle_dir), max_batch=4).write(bundle_dir)  # exported for batches of 4
     repo = tmp_path / "repo"
     write_triton_repository(bundle_dir, repo, TritonOptions(max_batch_size=2))
     pb = _stand_in_pb_utils(repo)
@@ -194,7 +215,7 @@ def test_pipeline_model_equals_mordasr_run(bundle, request, tmp_path, monkeypatc
                                    atol=1e-5)
         bucket = int(pb.get_output_tensor_by_name(response, "bucket").as_numpy()[0])
         assert bucket == (-1 if expected.bucket is None else expected.bucket)
-    # same-size images were batched, never past the models' limit of 2
+    # same-size images were batched, never past the models' limit of 2 images
     assert max(batch for _, batch in pb.calls) == 2
 
 

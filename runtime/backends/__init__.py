@@ -1,5 +1,5 @@
-"""Inference backends behind one small protocol: ``Backend(manifest, bundle_dir)`` and
-``run(graph, feeds) -> outputs``. Optional backends are imported only when chosen (polygraphy's
+"""Inference backends behind one small protocol: ``Backend(manifest, bundle_dir)``,
+``run(graph, feeds) -> outputs`` and ``close()``. Optional backends are imported only when chosen (polygraphy's
 lazy-loader habit), so a CPU-only install never touches CUDA or TensorRT."""
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ BACKENDS = ORT_BACKENDS + ("tensorrt",)
 
 class Backend(Protocol):
     name: str
+    # The smallest LR (height, width) its graphs take (a TensorRT engine's profile minimum; the
+    # pipeline pads a smaller image up to it), or None: any size.
+    min_input: tuple[int, int] | None
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None:
+        """Free every session, engine and buffer; the backend is not used again."""
 
 
 def backend_options(backend: str, threads: int | None = None, bucket_switch: str | None = None,

@@ -98,6 +98,8 @@ def provider_chain(backend: str, precision: str | tuple[str, ...], cache_dir: st
 
 
 class OnnxRuntimeBackend:
+    min_input = None  # ONNX Runtime takes any size
+
     def __init__(self, manifest: Manifest, bundle_dir: str | Path, backend: str = "onnxruntime",
                  threads: int | None = None, bucket_switch: str = "graphs",
                  cache_dir: str | Path | None = None) -> None:
@@ -167,6 +169,10 @@ class OnnxRuntimeBackend:
             slot = self._slots[graph.component] = BucketSlot(_PackedSession(self, pack.base_graph))
         switch_bucket(slot, pack.bucket, pack_loader(self.bundle_dir, self.manifest, graph.component))
         return slot.target.session
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._slots.clear()
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session(graph)

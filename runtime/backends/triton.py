@@ -18,6 +18,7 @@ from mordasr.runtime.manifest import GraphSpec, Manifest
 
 class TritonBLSBackend:
     name = "triton-bls"
+    min_input = None  # the component models' engines are Triton's to size
 
     def __init__(self, manifest: Manifest, bundle_dir: str | Path, models: dict[str, str],
                  bucket_switch: str | None = None, pb_utils=None) -> None:
@@ -33,6 +34,9 @@ class TritonBLSBackend:
             raise BundleError(f"the Triton repository has no model for {', '.join(missing)}; "
                               "rewrite it with mordasr-export --triton")
         self.models = models  # GraphSpec.key -> Triton model name
+
+    def close(self) -> None:
+        """Nothing to free: the component models belong to the Triton server."""
 
     def run(self, graph: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pb = self.pb

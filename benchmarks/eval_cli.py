@@ -47,19 +47,27 @@ def _recipes(text: str) -> list[str]:
               help="A base (or adapted) checkpoint: also report its autoencoder's reconstruction PSNR (RGB) "
                    "on every image, and the correlation of its estimator's blur/noise/compression scores "
                    "with the true strengths of seeded synthetic degradations of 256 px crops.")
+@click.option("--teacher", default=None,
+              help="A distillation teacher (realesrgan-x4plus, an .onnx or ncnn .param file, a bundle or "
+                   "checkpoint): adds its own scores and, for every target, the Y-PSNR against its output "
+                   "(agreement). Its outputs are cached (--teacher-cache).")
+@click.option("--teacher-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the teacher's outputs [default: $MORDASR_TEACHER_CACHE or "
+                   "~/.cache/mordasr/teacher-outputs].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limit: int | None, backend: str,
          threads: int | None, lpips_weights: Path | None, save_images: bool, checkpoint_checks: Path | None,
-         quiet: bool) -> None:
+         teacher: str | None, teacher_cache: Path | None, quiet: bool) -> None:
     """Y-PSNR / Y-SSIM (BT.601, 4-pixel border), RGB PSNR and colour shift of each TARGET.
 
     \b
     TARGET: a bundle folder (run through the torch-free runtime, mordasr-run's defaults), a
-    checkpoint folder (PyTorch; a base checkpoint runs without adapters), or 'bicubic'
-    (always included). Name one with LABEL=PATH.
+    checkpoint folder (PyTorch; a base checkpoint runs without adapters), a shipped base by name
+    (tiny, esrgan-student), or 'bicubic' (always included). Name one with LABEL=PATH.
 
     \b
     mordasr-eval bundles/mor base=runs/base --data val-hr/
+    mordasr-eval tiny esrgan-student --teacher realesrgan-x4plus --data val-hr/
     """
     from tqdm import tqdm
 
@@ -69,11 +77,14 @@ def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limi
     logging.basicConfig(level=logging.WARNING)
     recipes = _recipes(recipe_text)
     with fail_on_errors("mordasr-eval"):
+        from mordasr.benchmarks.evaluate import teacher_target
+
         resolved = [resolve_target(t, backend, threads) for t in targets]
+        taught = teacher_target(teacher, teacher_cache) if teacher else None
         images = load_hr(data, limit)
         bar = tqdm(total=len(images) * len(recipes), disable=quiet, desc="eval", dynamic_ncols=True)
         results = evaluate(resolved, images, recipes, lpips_weights, out / "images" if save_images else None,
-                           progress=lambda _msg: bar.update())
+                           progress=lambda _msg: bar.update(), teacher=taught)
         bar.close()
         results["data"] = str(data)
         if checkpoint_checks is not None:

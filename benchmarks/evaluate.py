@@ -1,10 +1,13 @@
 """Score restorers on a folder of HR photographs under named degradation recipes, beside bicubic.
 
 A target is ``bicubic`` (PIL's bicubic upsampling of the 8-bit LR image), a bundle (a folder with
-``manifest.json``, run through the torch-free runtime with ``mordasr-run``'s defaults) or a
+``manifest.json``, run through the torch-free runtime with ``mordasr-run``'s defaults), a
 checkpoint (a folder with ``config.json``, run through PyTorch; a base checkpoint runs without
-adapters). Every target sees the same LR images (``benchmarks/recipes.py``); each output is
-scored as an 8-bit image (``benchmarks/metrics.py``).
+adapters) or a shipped base by name (``tiny``, ``esrgan-student``). Every target sees the same LR
+images (``benchmarks/recipes.py``); each output is scored as an 8-bit image
+(``benchmarks/metrics.py``). With a teacher (``training/teachers.py``), the teacher's own scores
+are reported too, and every target's agreement with it: the Y-PSNR of its output against the
+teacher's (``agree_y``); the teacher's outputs are kept in the teacher cache.
 """
 
 from __future__ import annotations
@@ -72,12 +75,15 @@ def _checkpoint_restore(path: Path) -> Restore:
 
 
 def resolve_target(spec: str, backend: str = "onnxruntime", threads: int | None = None) -> Target:
-    """``bicubic``, ``PATH`` or ``LABEL=PATH`` (a bundle or a checkpoint folder)."""
+    """``bicubic``, a shipped base's name, ``PATH`` or ``LABEL=PATH`` (a bundle or a checkpoint folder)."""
+    from mordasr.model.io import SHIPPED_BASES, base_path
+
     if spec == "bicubic":
         return Target("bicubic", "bicubic", None, bicubic_upsample)
     label, _, path_text = spec.rpartition("=")
-    path = Path(path_text)
-    label = label or path.name
+    named = path_text in SHIPPED_BASES and not Path(path_text).exists()
+    path = base_path(path_text) if named else Path(path_text)
+    label = label or (path_text if named else path.name)
     if (path / "manifest.json").is_file():
         return Target(label, "bundle", path, _bundle_restore(path, backend, threads))
     if (path / "config.json").is_file():
@@ -96,13 +102,39 @@ def load_hr(folder: Path, limit: int | None = None) -> list[tuple[str, np.ndarra
     return [(f.stem, mod_crop(read_image(f), SCALE)) for f in files]
 
 
+def teacher_target(spec: str, cache: Path | None = None) -> Target:
+    """A teacher as an evaluation target whose outputs are kept in the teacher cache (keyed by the
+    teacher's files, the recipe and the LR image's bytes), so a second evaluation does not rerun it."""
+    import hashlib
+
+    from mordasr.training.teacher_cache import TeacherCache
+    from mordasr.training.teachers import load_teacher
+
+    teacher = load_teacher(spec)
+    store, fingerprint = TeacherCache(cache), teacher.fingerprint()
+
+    def restore(lr: np.ndarray) -> np.ndarray:
+        image = metrics.to_uint8(lr)
+        key = hashlib.sha256(f"eval:{fingerprint}:{image.shape}".encode() + image.tobytes()).hexdigest()
+        if store.has(key):
+            return store.load(key, with_hr=False)["teacher"].astype(np.float32) / 255
+        out = metrics.to_uint8(teacher.restore(image))
+        store.store(key, image, out, np.zeros((0, 0, 3), np.uint8))
+        return out.astype(np.float32) / 255
+
+    return Target(f"teacher {teacher.name}", "teacher", None, restore)
+
+
 def evaluate(targets: list[Target], images: list[tuple[str, np.ndarray]], recipe_names: list[str],
              lpips_weights: Path | None = None, save_images: Path | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
-    """Per-image and mean metrics of every target on every recipe; deltas against bicubic."""
+             progress: Callable[[str], None] | None = None, teacher: Target | None = None) -> dict:
+    """Per-image and mean metrics of every target on every recipe; deltas against bicubic; with a
+    ``teacher``, its own row and every target's agreement with it (``agree_y``)."""
     lpips = _lpips(lpips_weights) if lpips_weights else None
     if not any(t.kind == "bicubic" for t in targets):
         targets = [resolve_target("bicubic")] + targets
+    if teacher is not None:
+        targets = targets + [teacher]
     per_image: list[dict] = []
     for recipe_name in recipe_names:
         recipe = RECIPES[recipe_name]
@@ -110,10 +142,13 @@ def evaluate(targets: list[Target], images: list[tuple[str, np.ndarray]], recipe
             lr = recipe.degrade(hr, name)
             if save_images:
                 _save(save_images / recipe_name / f"{name}_lr.png", lr)
+            taught = teacher.restore(lr) if teacher is not None else None
             for target in targets:
-                out = target.restore(lr)
+                out = taught if target is teacher else target.restore(lr)
                 row = {"recipe": recipe_name, "image": name, "target": target.label,
                        **metrics.score(out, hr, border=SCALE)}
+                if taught is not None and target is not teacher:
+                    row["agree_y"] = metrics.psnr_y(out, taught, border=SCALE)
                 if lpips is not None:
                     row["lpips"] = lpips(out, hr)
                 per_image.append(row)
@@ -137,7 +172,7 @@ def summarise(per_image: list[dict]) -> list[dict]:
     summary = []
     for (recipe, target), rows in groups.items():
         entry = {"recipe": recipe, "target": target, "images": len(rows)}
-        for key in ("psnr_y", "ssim_y", "psnr_rgb", "colour_shift", "lpips"):
+        for key in ("psnr_y", "ssim_y", "psnr_rgb", "colour_shift", "lpips", "agree_y"):
             if key in rows[0]:
                 entry[key] = float(np.mean([r[key] for r in rows]))
         gains = [r["psnr_y"] - bicubic[(recipe, r["image"])] for r in rows]
@@ -150,15 +185,20 @@ def summarise(per_image: list[dict]) -> list[dict]:
 
 def markdown(results: dict) -> str:
     has_lpips = any("lpips" in s for s in results["summary"])
+    has_teacher = any("agree_y" in s for s in results["summary"])
     lines = [f"Images: {len(results['images'])}; metrics on 8-bit outputs, Y = BT.601 studio range, "
-             f"{SCALE}-pixel border cropped. Gain = Y-PSNR minus bicubic's on the same image.", ""]
+             f"{SCALE}-pixel border cropped. Gain = Y-PSNR minus bicubic's on the same image."
+             + (" vs teacher = Y-PSNR against the teacher's output (agreement)." if has_teacher else ""), ""]
     head = ("| recipe | target | Y-PSNR (dB) | gain (dB) | worst image gain (dB) | Y-SSIM | RGB PSNR (dB) "
             "| colour shift (ΔE00) |")
-    lines += [head + (" LPIPS |" if has_lpips else ""), "|---" * (8 + has_lpips) + "|"]
+    head += " vs teacher Y-PSNR (dB) |" if has_teacher else ""
+    lines += [head + (" LPIPS |" if has_lpips else ""), "|---" * (8 + has_teacher + has_lpips) + "|"]
     for s in results["summary"]:
         row = (f"| {s['recipe']} | {s['target']} | {s['psnr_y']:.2f} | {s['gain_y']:+.2f} | "
                f"{s['worst_gain_y']:+.2f} ({s['worst_image']}) | {s['ssim_y']:.4f} | {s['psnr_rgb']:.2f} | "
                f"{s['colour_shift']:.2f} |")
+        if has_teacher:
+            row += f" {s['agree_y']:.2f} |" if "agree_y" in s else " (the teacher) |"
         lines.append(row + (f" {s['lpips']:.4f} |" if has_lpips else ""))
     lines += ["", "Recipes: " + "; ".join(f"`{k}`: {v}" for k, v in results["recipes"].items())]
     if "autoencoder" in results:

@@ -22,9 +22,29 @@ from mordasr.model.onestep import OneStepSR
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
+# The bases shipped in the package, by name: every command that takes a base takes these names.
+SHIPPED_BASES = {
+    "tiny": "the fidelity base: trained end to end against HR photographs (mordasr-train base)",
+    "esrgan-student": "Real-ESRGAN x4plus distilled into the tiny structure (mordasr-train distill)",
+}
+DEFAULT_BASE = "esrgan-student"
+
+
 def tiny_base_path() -> Path:
-    """The small pretrained base shipped in the package (see ``mordasr-train base``)."""
+    """The small fidelity base shipped in the package (see ``mordasr-train base``)."""
     return PRETRAINED_DIR / "tiny"
+
+
+def base_path(name_or_path: str | Path | None = None) -> Path:
+    """A shipped base by name (``SHIPPED_BASES``; None: ``DEFAULT_BASE``), or a checkpoint folder."""
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_BASE
+    if name in SHIPPED_BASES:
+        return PRETRAINED_DIR / name
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"base {name!r} is neither a shipped base ({', '.join(SHIPPED_BASES)}) nor a "
+                              "checkpoint folder (config.json + model.safetensors)")
+    return path
 
 
 def save_checkpoint(model: OneStepSR, path: str | Path, meta: dict | None = None) -> Path:

@@ -82,7 +82,8 @@ class TiledBlend:
     """Run ``fn(tile, (y0, x0))`` over overlapping tiles of ``x`` (N, C, H, W) and blend the outputs.
 
     ``factor`` is output side / input side (a float for the encoder's scale/downsample). The input
-    is edge-padded so every tile is full-size and a multiple of ``multiple``; the output is cropped
+    is edge-padded so every tile is full-size and a multiple of ``multiple``; ``tile`` is a side, or
+    (height, width); the output is cropped
     back to ``round(H * factor) x round(W * factor)``. ``index`` (rows, cols) picks the image to
     tile out of ``x`` (default: all of it), e.g. a caller's padding written as indices. Tiles run
     a row of tiles at a time, top to bottom; once a row is done, the output rows above the next
@@ -94,8 +95,8 @@ class TiledBlend:
     output's size instead and returns it: the same values, bit for bit.
     """
 
-    def __init__(self, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray, tile: int,
-                 overlap: int, factor: float, multiple: int = 1, kind: str = "gaussian",
+    def __init__(self, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray], x: np.ndarray,
+                 tile: int | tuple[int, int], overlap: int, factor: float, multiple: int = 1, kind: str = "gaussian",
                  on_tile: Callable[[int, int], None] | None = None,
                  index: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.fn, self.factor, self.kind, self.on_tile = fn, factor, kind, on_tile
@@ -103,10 +104,11 @@ class TiledBlend:
         # edge padding of the grid here, a caller's own through ``index``) copies no more than a tile.
         rows, cols = index if index is not None else (np.arange(x.shape[2]), np.arange(x.shape[3]))
         height, width = len(rows), len(cols)
-        self.ys = tile_starts(height, tile, overlap, multiple)
-        self.xs = tile_starts(width, tile, overlap, multiple)
-        self.tile_h = tile if len(self.ys) > 1 or height > tile else -(-height // multiple) * multiple
-        self.tile_w = tile if len(self.xs) > 1 or width > tile else -(-width // multiple) * multiple
+        tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+        self.ys = tile_starts(height, tile_h, overlap, multiple)
+        self.xs = tile_starts(width, tile_w, overlap, multiple)
+        self.tile_h = tile_h if len(self.ys) > 1 or height > tile_h else -(-height // multiple) * multiple
+        self.tile_w = tile_w if len(self.xs) > 1 or width > tile_w else -(-width // multiple) * multiple
         pad_h = max(self.ys[-1] + self.tile_h - height, 0)
         pad_w = max(self.xs[-1] + self.tile_w - width, 0)
         self.x = x

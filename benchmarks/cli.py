@@ -65,14 +65,20 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--photo", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="A photograph to restore with mordasr-run's defaults (tiling included) through the first "
                    "variant's bundle: seconds per output megapixel and peak RSS, in fresh processes.")
+@click.option("--base", default="tiny", show_default=True,
+              help="tiny preset: the base the adapters are trained on: a shipped base (tiny: the fidelity base; "
+                   "esrgan-student: Real-ESRGAN x4plus distilled) or a base checkpoint folder.")
+@click.option("--teacher", default=None,
+              help="With --photo: also restore the photograph with this distillation teacher (e.g. "
+                   "realesrgan-x4plus), alternating with the first variant's bundle in fresh processes, and "
+                   "report both speeds and their ratio with a 95 % interval.")
 @click.option("--peak-gflops", type=float, default=None,
               help="Device peak GFLOP/s, to report the achieved fraction per component.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
          lora_checkpoint, adaptir_checkpoint, iterations, warmup, rounds, lr_size, resolutions, eval_images,
-         eval_data,
-         eval_limit, photo, peak_gflops, seed, quiet):
+         eval_data, eval_limit, photo, base, teacher, peak_gflops, seed, quiet):
     """Benchmark MoR (folded, gated, hybrid) against merged dense LoRA, AdaptIR and PyTorch eager.
 
     Measures, in one run on this machine: latency p50/p95/p99 per component and end to end,
@@ -93,7 +99,7 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
                       lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
                       mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
                       adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit,
-                      photo=photo)
+                      photo=photo, base=base, teacher=teacher)
     try:
         cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
         cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())

@@ -5,7 +5,7 @@ A target is ``bicubic`` (PIL's bicubic upsampling of the 8-bit LR image), a bund
 checkpoint (a folder with ``config.json``, run through PyTorch; a base checkpoint runs without
 adapters) or a shipped base by name (``tiny``, ``esrgan-student``). Every target sees the same LR
 images (``benchmarks/recipes.py``); each output is scored as an 8-bit image
-(``benchmarks/metrics.py``). With a teacher (``training/teachers.py``), the teacher's own scores
+(``mordasr/metrics.py``). With a teacher (``training/teachers.py``), the teacher's own scores
 are reported too, and every target's agreement with it: the Y-PSNR of its output against the
 teacher's (``agree_y``); the teacher's outputs are kept in the teacher cache.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mordasr.benchmarks import metrics
+from mordasr import metrics
 from mordasr.benchmarks.recipes import RECIPES, SCALE, mod_crop
 from mordasr.errors import MordasrError
 
@@ -35,14 +35,6 @@ class Target:
     kind: str  # bicubic | bundle | checkpoint
     path: Path | None = None
     restore: Restore | None = field(default=None, repr=False)
-
-
-def bicubic_upsample(lr: np.ndarray, scale: int = SCALE) -> np.ndarray:
-    from PIL import Image
-
-    h, w = lr.shape[:2]
-    up = Image.fromarray(metrics.to_uint8(lr)).resize((w * scale, h * scale), Image.BICUBIC)
-    return np.asarray(up, dtype=np.float32) / 255
 
 
 def _bundle_restore(path: Path, backend: str, threads: int | None) -> Restore:
@@ -79,7 +71,7 @@ def resolve_target(spec: str, backend: str = "onnxruntime", threads: int | None 
     from mordasr.model.io import SHIPPED_BASES, base_path
 
     if spec == "bicubic":
-        return Target("bicubic", "bicubic", None, bicubic_upsample)
+        return Target("bicubic", "bicubic", None, lambda lr: metrics.bicubic_upsample(lr, SCALE))
     label, _, path_text = spec.rpartition("=")
     named = path_text in SHIPPED_BASES and not Path(path_text).exists()
     path = base_path(path_text) if named else Path(path_text)

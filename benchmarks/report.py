@@ -86,6 +86,22 @@ def _memory_cell(memory: dict | None) -> str:
     return f"{memory['peak_gpu_mib']:.0f} (GPU)"
 
 
+def teacher_speed_lines(t: dict) -> list[str]:
+    """The student bundle and its teacher on one photograph, alternating in fresh processes."""
+    ratio = t["teacher_over_student"]
+    rows = [f"| {label} | {t[side]['seconds_per_megapixel']:.2f} "
+            f"({t[side]['seconds_per_megapixel_range'][0]:.2f}-{t[side]['seconds_per_megapixel_range'][1]:.2f}) | "
+            f"{t[side]['peak_rss_mib']:.0f} |"
+            for side, label in (("student", f"{t['bundle']} on {t['base']} ({t['backend']})"),
+                                ("teacher", f"teacher {t['teacher']} (ncnn/ONNX Runtime, CPU)"))]
+    return [f"## Student and teacher on one photograph ({t['rounds']} alternating rounds, fresh processes)", "",
+            f"{t['photo']}: {t['input'][0]}x{t['input'][1]} -> {t['output'][0]}x{t['output'][1]}.", "",
+            "| restorer | s per output MP (range) | peak RSS MiB |", "|---|---|---|", *rows, "",
+            f"The teacher takes **{ratio['ratio']:.2f}x** the student's time (95 % interval "
+            f"{ratio['ci95'][0]:.2f}-{ratio['ci95'][1]:.2f}x; per round "
+            + ", ".join(f"{r:.2f}" for r in ratio["per_round"]) + ")."]
+
+
 def quality_table(quality: dict) -> list[str]:
     """Y-PSNR gain over bicubic per recipe (rows) and variant (columns), best variant in bold."""
     summary = quality["summary"]
@@ -175,6 +191,8 @@ def markdown(results: dict, plots: list[str]) -> str:
                   f"({p['output_megapixels']:.1f} MP): {p['seconds_per_megapixel']:.2f} s per output megapixel "
                   f"(runs {p['seconds_per_megapixel_range'][0]:.2f}-{p['seconds_per_megapixel_range'][1]:.2f}), "
                   f"peak RSS {p['peak_rss_mib']:.0f} MiB, {p['runs']} fresh processes."]
+    if results.get("teacher_speed"):
+        lines += ["", *teacher_speed_lines(results["teacher_speed"])]
     if results.get("quality"):
         lines += ["", *quality_table(results["quality"])]
     if results.get("bucket_switch"):

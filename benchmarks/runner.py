@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mordasr.benchmarks.measure import describe_machine, graph_flops, peak_rss_mib, photo_speed, time_call
+from mordasr import metrics
+from mordasr.benchmarks.measure import (
+    describe_machine,
+    graph_flops,
+    peak_rss_mib,
+    photo_speed,
+    student_and_teacher_speed,
+    time_call,
+)
 from mordasr.errors import MordasrError
 
 # variant -> (adapter kind, export mode); "torch-eager" is the unmerged PyTorch MoR reference
@@ -46,6 +54,8 @@ class BenchConfig:
     eval_data: Path | None = None  # HR photographs for the per-recipe, per-severity quality table
     eval_limit: int | None = 8  # how many of them (None: all)
     photo: Path | None = None  # a photograph for the end-to-end mordasr-run speed and peak RSS
+    base: str = "tiny"  # tiny: the base the adapters are trained on (a shipped base's name or a checkpoint)
+    teacher: str | None = None  # with photo: the teacher's speed beside the first variant's, in one run
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -61,12 +71,14 @@ class BenchConfig:
             raise MordasrError(f"unknown preset {self.preset!r}; choose tiny or sd21")
         if self.iterations < 1 or self.eval_images < 1:
             raise MordasrError("--iterations and --eval-images must be at least 1")
+        if self.teacher and self.photo is None:
+            raise MordasrError("--teacher compares speeds on a photograph: give --photo too")
 
 
 def _models(cfg: BenchConfig, progress: Callable[[str], None]):
     """The adapted models the variants need: same base, same training budget; MoR and dense LoRA
     also share the total rank (AdaptIR's size follows its own width ratio)."""
-    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint
     from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     models, provenance = {}, {}
@@ -89,9 +101,10 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
             provenance[kind] = {"checkpoint": None, "steps": 0, "random_weights": True}
         else:
             progress(f"training {kind} adapters ({cfg.train_steps} steps)")
-            model, _ = load_checkpoint(tiny_base_path(), adapter=kind)
+            model, _ = load_checkpoint(base_path(cfg.base), adapter=kind)
             train_adapters(model, AdapterTrainingConfig(steps=cfg.train_steps, seed=cfg.seed), quiet=True)
-            provenance[kind] = {"checkpoint": None, "steps": cfg.train_steps, "random_weights": False}
+            provenance[kind] = {"checkpoint": None, "base": cfg.base, "steps": cfg.train_steps,
+                                "random_weights": False}
         models[kind] = model.eval()
     ranks = {k: m.config.adapter.rank for k, m in models.items() if k != "adaptir"}
     if len(set(ranks.values())) > 1:
@@ -123,11 +136,7 @@ def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray
 
 
 def _quality(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    a, b = np.clip(a, 0, 1), np.clip(b, 0, 1)
-    return (float(peak_signal_noise_ratio(b, a, data_range=1.0)),
-            float(structural_similarity(b, a, channel_axis=-1, data_range=1.0)))
+    return metrics.psnr(a, b), metrics.ssim(a, b)
 
 
 def _torch_restore(model, lr: np.ndarray) -> np.ndarray:
@@ -288,6 +297,11 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
                      if (workdir / f"{n}-fp32" / "manifest.json").is_file())
         results["photo_speed"] = {"bundle": first.name.removesuffix("-fp32"),
                                   **photo_speed(first, cfg.photo, backend=cfg.backend)}
+        if cfg.teacher:
+            progress(f"the bundle and the teacher {cfg.teacher} on the photograph, alternately")
+            results["teacher_speed"] = {"bundle": first.name.removesuffix("-fp32"), "base": cfg.base,
+                                        **student_and_teacher_speed(first, cfg.teacher, cfg.photo,
+                                                                    backend=cfg.backend)}
     progress("latency vs resolution")
     results["resolution"] = _resolution_sweep(cfg, workdir)
     if "mor-folded" in cfg.variants and cfg.buckets > 1:
@@ -326,8 +340,8 @@ def crop_grid(cfg: BenchConfig, workdir: Path, side: int = 128) -> dict:
     from PIL import Image
 
     from mordasr.benchmarks.evaluate import bicubic_upsample, load_hr, resolve_target
-    from mordasr.benchmarks.metrics import to_uint8
     from mordasr.benchmarks.recipes import RECIPES, STANDARD
+    from mordasr.runtime.images import to_uint8
 
     name, hr = load_hr(cfg.eval_data, 1)[0]
     y0, x0 = (hr.shape[0] // 2 - side // 2) // 4 * 4, (hr.shape[1] // 2 - side // 2) // 4 * 4

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mordasr import metrics
 from mordasr.model import OneStepSR
 from mordasr.runtime.manifest import GraphSpec
 from mordasr.runtime.pipeline import Restorer
@@ -28,17 +29,6 @@ def evaluation_set(count: int, scale: int, crop: int = 128, seed: int = 1234):
     hr = CropSampler(sample_images("heldout"), crop, seed).sample(count)
     lr, _, _ = degraded_batch(hr, scale, rng)
     return list(lr), list(hr)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-
-
-def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(np.clip(a, 0, 1), np.clip(b, 0, 1), channel_axis=-1, data_range=1.0))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,16 +66,16 @@ def accuracy_report(model: OneStepSR, bundles: dict[str, str | Path], eval_image
                 eps = model.denoise(z_l)
                 reference = model.decode(model.schedule.x0(z_l, eps))[0].numpy().transpose(1, 2, 0)
             for p, res in results.items():
-                metrics = {
-                    "psnr_vs_fp32_torch": _psnr(res.image, reference),
-                    "ssim_vs_fp32_torch": _ssim(res.image, reference),
-                    "psnr_vs_hr": _psnr(res.image, hr),
-                    "ssim_vs_hr": _ssim(res.image, hr),
+                row_metrics = {
+                    "psnr_vs_fp32_torch": metrics.psnr(res.image, reference),
+                    "ssim_vs_fp32_torch": metrics.ssim(res.image, reference),
+                    "psnr_vs_hr": metrics.psnr(res.image, hr),
+                    "ssim_vs_hr": metrics.ssim(res.image, hr),
                     "unet_cosine": _cosine(unet_out[p], eps.numpy()),
                     "max_abs_error": float(np.abs(res.image - reference).max()),
                     "finite": float(np.isfinite(res.image).all()),
                 }
-                for k, v in metrics.items():
+                for k, v in row_metrics.items():
                     sums[p].setdefault(k, []).append(v)
         for p, values in sums.items():
             label = first.manifest.buckets[bucket].label if bucket is not None else first.manifest.mode

@@ -132,8 +132,9 @@ def test_a_short_distillation_brings_the_student_to_the_teacher(tmp_path):
     assert meta["distilled_from"]["name"] == "t" and meta["kind"] == "base"
     assert meta["training"]["precision"] == "fp32" and meta["training"]["steps_per_second"] > 0
     # the agreement before training: the shipped base on the same held-out crops
+    from mordasr.metrics import psnr
     from mordasr.model.io import base_path
-    from mordasr.training.common import nchw, psnr
+    from mordasr.training.common import nchw
     from mordasr.training.distill import student_forward
     from mordasr.training.teacher_cache import TeacherCache as Cache
 

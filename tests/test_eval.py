@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mordasr.benchmarks import metrics
+from mordasr import metrics
 from mordasr.benchmarks.eval_cli import main as eval_main
 from mordasr.benchmarks.recipes import RECIPES, mod_crop
 

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from mordasr.benchmarks import metrics
+from mordasr import metrics
 from mordasr.benchmarks.evaluate import bicubic_upsample
 from mordasr.benchmarks.recipes import RECIPES, mod_crop
 

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mordasr.errors import MordasrError
+from mordasr.metrics import psnr
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
-from mordasr.training.common import model_device, nchw, psnr, resolve_device, seed_everything
+from mordasr.training.common import model_device, nchw, resolve_device, seed_everything
 from mordasr.training.data import CropSampler, sample_images, training_images
 from mordasr.training.ema import WeightEMA
 from mordasr.training.synthetic import Degradation, degraded_batch, estimator_correlations, mixed_degraded_batch

@@ -39,8 +39,9 @@ def main(verbose: bool) -> None:
               help="Checkpoint folder to write (config.json, model.safetensors, metrics.csv).")
 @click.option("--preset", type=click.Choice(["tiny", "sd21"]), default="tiny", show_default=True,
               help="tiny: the small model shipped with mordasr; sd21: SD 2.1-base shapes from local weights.")
-@click.option("--base", "base_path", type=click.Path(path_type=Path), default=None,
-              help="tiny: base checkpoint folder [default: the tiny base shipped with mordasr].")
+@click.option("--base", "base_name", default="tiny", show_default=True,
+              help="tiny preset: the base to adapt: a shipped base (tiny: the fidelity base; esrgan-student: "
+                   "Real-ESRGAN x4plus distilled) or a base checkpoint folder.")
 @click.option("--sd-weights", type=click.Path(path_type=Path), default=None,
               help="sd21: local diffusers folder (vae/, unet/, text_encoder/, tokenizer/).")
 @click.option("--clip-weights", type=click.Path(path_type=Path), default=None,
@@ -67,7 +68,7 @@ def main(verbose: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | None,
+def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
              clip_weights: Path | None, random_weights: bool, adapter: str, steps: int, batch: int,
              crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, seed: int,
              threads: int | None, quiet: bool) -> None:
@@ -80,7 +81,7 @@ def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | 
     """
     import torch
 
-    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint
     from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
     if threads:
@@ -93,9 +94,9 @@ def adapters(out: Path, preset: str, base_path: Path | None, sd_weights: Path | 
         else:
             if sd_weights or clip_weights or random_weights:
                 _fail("--sd-weights, --clip-weights and --random-weights apply to --preset sd21")
-            model, meta = load_checkpoint(base_path or tiny_base_path(), adapter=adapter)
+            model, meta = load_checkpoint(base_path(base_name), adapter=adapter)
             if meta.get("has_adapters"):
-                _fail(f"{base_path} already holds adapters; pass a base checkpoint")
+                _fail(f"{base_name} already holds adapters; pass a base checkpoint")
         cfg = AdapterTrainingConfig(steps=steps, batch=batch, crop=crop, lr=lr, balance_weight=balance_weight,
                                     eval_every=eval_every, data=str(data) if data else None, seed=seed)
         metrics = train_adapters(model, cfg, out, quiet=quiet, random_weights=random_weights)

@@ -34,8 +34,3 @@ def resolve_device(name: str) -> torch.device:
 def model_device(module: torch.nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (the whole model lives on one device)."""
     return next(module.parameters()).device
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))

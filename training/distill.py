@@ -28,11 +28,12 @@ import torch
 from tqdm import tqdm
 
 from mordasr.errors import MordasrError
+from mordasr.metrics import psnr
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import base_path, load_checkpoint, save_checkpoint
 from mordasr.runtime.manifest import sha256_file
 from mordasr.training.base_trainer import _fit, identity_start, train_estimator, unet_shape, with_unet_shape
-from mordasr.training.common import model_device, nchw, psnr, seed_everything
+from mordasr.training.common import model_device, nchw, seed_everything
 from mordasr.training.synthetic import parse_mix
 from mordasr.training.teacher_cache import Photo, TeacherCache, plan_samples
 from mordasr.training.teachers import Teacher, TeacherError, load_teacher

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mordasr.errors import MordasrError
+from mordasr.metrics import psnr
 from mordasr.model import OneStepSR
 from mordasr.model.adapters.mor import MoRLayer
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.checkpoint import load_latest, restore_rng, rng_state, save_state
-from mordasr.training.common import nchw, psnr
+from mordasr.training.common import nchw
 from mordasr.training.ema import WeightEMA
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
 from mordasr.training.paper_config import FitConfig, write_resolved

@@ -271,3 +271,26 @@ def load_teacher(spec: str | Path, threads: int | None = None) -> Teacher:
     if path.is_dir() and (path / "config.json").is_file():
         return CheckpointTeacher(path)
     raise TeacherError(f"unknown teacher {text!r}: give {TEACHER_CHOICES}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mordasr.training.teachers PHOTO OUT [--teacher SPEC]``: one photograph restored by a
+    teacher (what a student is distilled from), written as an 8-bit image."""
+    import argparse
+
+    from mordasr.runtime.images import read_image, write_image
+
+    parser = argparse.ArgumentParser(prog="python -m mordasr.training.teachers", description=main.__doc__)
+    parser.add_argument("photo")
+    parser.add_argument("out")
+    parser.add_argument("--teacher", default=REALESRGAN_X4PLUS, help=f"default: {REALESRGAN_X4PLUS}")
+    args = parser.parse_args(argv)
+    try:
+        teacher = load_teacher(args.teacher)
+        write_image(args.out, teacher.restore(read_image(args.photo)))
+    except MordasrError as err:
+        parser.exit(2, f"{parser.prog}: error: {first_line(err)}\n")
+
+
+if __name__ == "__main__":
+    main()

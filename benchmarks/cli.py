@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import tempfile
@@ -10,22 +9,14 @@ from pathlib import Path
 
 import click
 
-from mordasr.benchmarks.runner import BACKENDS, PRECISIONS, VARIANTS, BenchConfig
-from mordasr.cli_errors import failer
+from mordasr.benchmarks.runner import VARIANTS, BenchConfig
+from mordasr.cli_errors import fail_on_errors
 from mordasr.errors import MordasrError
-
-_fail = failer("mordasr-bench")
-
-
-def _split(text: str, allowed, what: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in items if s not in allowed]
-    if unknown or not items:
-        _fail(f"unknown {what} {unknown[0] if unknown else text!r}; choose from {', '.join(allowed)}")
-    return items
+from mordasr.runtime.cli_options import backend_option, parse_list, verbosity
+from mordasr.runtime.trt_settings import PRECISIONS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(["tiny", "sd21"]), default="tiny", show_default=True,
               help="tiny trains MoR and dense-LoRA adapters briefly on the CPU; sd21 uses random "
                    "weights (latency and memory only, labelled as such) unless checkpoints are given.")
@@ -34,7 +25,7 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--variants", default=",".join(VARIANTS), show_default=True,
               help="Comma-separated variants: " + ", ".join(VARIANTS) + ".")
 @click.option("--precisions", default="fp32", show_default=True, help="Comma-separated: fp32, fp16, int8.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="One of " + ", ".join(BACKENDS) + ".")
+@backend_option
 @click.option("--buckets", type=click.IntRange(min=1), default=4, show_default=True, help="Folded buckets.")
 @click.option("--bucket-sweep", default="1,2,4,8,16", show_default=True,
               help="Bucket counts for the folded-vs-continuous fidelity curve.")
@@ -75,7 +66,7 @@ def _split(text: str, allowed, what: str) -> tuple[str, ...]:
 @click.option("--peak-gflops", type=float, default=None,
               help="Device peak GFLOP/s, to report the achieved fraction per component.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-q", "--quiet", is_flag=True)
+@verbosity
 def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, train_steps, mor_checkpoint,
          lora_checkpoint, adaptir_checkpoint, iterations, warmup, rounds, lr_size, resolutions, eval_images,
          eval_data, eval_limit, photo, base, teacher, peak_gflops, seed, quiet):
@@ -86,44 +77,36 @@ def main(preset, out_dir, variants, precisions, backend, buckets, bucket_sweep, 
     time, FLOPs per component, PSNR/SSIM against FP32 PyTorch and against the HR image, and the
     folded-vs-continuous routing gap per bucket count.
     """
-    logging.basicConfig(level=logging.ERROR)
     from tqdm import tqdm
 
     from mordasr.benchmarks.report import write_report
     from mordasr.benchmarks.runner import run_benchmark
 
-    cfg = BenchConfig(preset=preset, variants=_split(variants, VARIANTS, "variant"),
-                      precisions=_split(precisions, PRECISIONS, "precision"), backend=backend,
-                      buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
-                      rounds=rounds,
-                      lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
-                      mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
-                      adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit,
-                      photo=photo, base=base, teacher=teacher)
-    try:
-        cfg.bucket_sweep = tuple(int(v) for v in bucket_sweep.split(",") if v.strip())
-        cfg.resolutions = tuple(int(v) for v in resolutions.split(",") if v.strip())
-    except ValueError:
-        _fail("--bucket-sweep and --resolutions take comma-separated integers")
-    try:
+    with fail_on_errors("mordasr-bench"):
+        cfg = BenchConfig(preset=preset, variants=parse_list(variants, "--variants", choices=VARIANTS),
+                          precisions=parse_list(precisions, "--precisions", choices=PRECISIONS), backend=backend,
+                          buckets=buckets, train_steps=train_steps, iterations=iterations, warmup=warmup,
+                          rounds=rounds, lr_size=lr_size, eval_images=eval_images, peak_gflops=peak_gflops, seed=seed,
+                          mor_checkpoint=mor_checkpoint, lora_checkpoint=lora_checkpoint,
+                          adaptir_checkpoint=adaptir_checkpoint, eval_data=eval_data, eval_limit=eval_limit,
+                          photo=photo, base=base, teacher=teacher,
+                          bucket_sweep=parse_list(bucket_sweep, "--bucket-sweep", int),
+                          resolutions=parse_list(resolutions, "--resolutions", int))
         cfg.validate()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MordasrError(f"cannot write to {out_dir}: {err.strerror or err}") from None
         if not os.access(out_dir, os.W_OK):
             raise MordasrError(f"{out_dir} is not writable")
-    except OSError as err:
-        _fail(f"cannot write to {out_dir}: {err.strerror or err}")
-    except MordasrError as err:
-        _fail(str(err))
     with tempfile.TemporaryDirectory(prefix=".bench.", dir=out_dir) as work, \
             tqdm(desc="bench", unit="step", disable=quiet, file=sys.stderr) as bar:
         def progress(message: str) -> None:
             bar.set_postfix_str(message)
             bar.update(1)
 
-        try:
+        with fail_on_errors("mordasr-bench"):
             results = run_benchmark(cfg, Path(work), progress)
-        except MordasrError as err:
-            _fail(str(err))
     files = write_report(results, out_dir)
     if not quiet:
         click.echo((out_dir / "report.md").read_text())

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from mordasr.benchmarks.recipes import RECIPES, STANDARD, recipe_help
-from mordasr.runtime.cli_options import backend_option, threads_option
+from mordasr.runtime.cli_options import backend_option, parse_list, threads_option, verbosity
 
 
 def _recipes(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = parse_list(text, "--recipe", choices=("standard", "severities", *RECIPES))
     expanded: list[str] = []
     for name in names:
         if name == "standard":
             expanded += list(STANDARD)
         elif name == "severities":
             expanded += [n for n in RECIPES if n not in STANDARD]
-        elif name in RECIPES:
-            expanded.append(name)
         else:
-            raise click.BadParameter(f"unknown recipe {name!r}; choose from standard, severities, "
-                                     + ", ".join(RECIPES), param_hint="--recipe")
+            expanded.append(name)
     return list(dict.fromkeys(expanded))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+@click.command("mordasr-eval", context_settings={"help_option_names": ["-h", "--help"]},
                epilog="Recipes (LR = recipe(HR), seeded per image): " + recipe_help())
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
@@ -54,7 +50,7 @@ def _recipes(text: str) -> list[str]:
 @click.option("--teacher-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for the teacher's outputs [default: $MORDASR_TEACHER_CACHE or "
                    "~/.cache/mordasr/teacher-outputs].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@verbosity
 def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limit: int | None, backend: str,
          threads: int | None, lpips_weights: Path | None, save_images: bool, checkpoint_checks: Path | None,
          teacher: str | None, teacher_cache: Path | None, quiet: bool) -> None:
@@ -74,9 +70,8 @@ def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limi
     from mordasr.benchmarks.evaluate import evaluate, load_hr, markdown, resolve_target, write_results
     from mordasr.cli_errors import fail_on_errors
 
-    logging.basicConfig(level=logging.WARNING)
-    recipes = _recipes(recipe_text)
     with fail_on_errors("mordasr-eval"):
+        recipes = _recipes(recipe_text)
         from mordasr.benchmarks.evaluate import teacher_target
 
         resolved = [resolve_target(t, backend, threads) for t in targets]

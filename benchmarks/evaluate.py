@@ -84,8 +84,8 @@ def resolve_target(spec: str, backend: str = "onnxruntime", threads: int | None 
 
 
 def load_hr(folder: Path, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    from mordasr.data.folders import image_files
     from mordasr.runtime.images import read_image
-    from mordasr.training.datasets import image_files
 
     files = image_files(folder)
     if not files:
@@ -262,9 +262,9 @@ def autoencoder_psnr(checkpoint: Path, images: list[tuple[str, np.ndarray]]) -> 
 def router_correlations(checkpoint: Path, images: list[tuple[str, np.ndarray]], crops_per_image: int = 8,
                         crop: int = 256, seed: int = 0) -> dict:
     """The checkpoint's estimator scored against seeded synthetic degradations of HR crops
-    (``mordasr.training.synthetic.estimator_correlations``)."""
+    (``mordasr.training.common.estimator_correlations``)."""
     from mordasr.model.io import load_checkpoint
-    from mordasr.training.synthetic import estimator_correlations
+    from mordasr.training.common import estimator_correlations
 
     model, _ = load_checkpoint(checkpoint, add_adapters=False)
     return estimator_correlations(model, [hr for _, hr in images], crops_per_image, crop, seed)

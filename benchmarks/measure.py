@@ -227,15 +227,13 @@ def describe_machine() -> dict[str, object]:
         pass
     info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory,
                                "os": platform.platform(), "python": platform.python_version()}
+    from mordasr.lazy import has_module, import_optional
+
     for module in ("onnxruntime", "torch", "tensorrt"):
-        try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            info[module] = None
-    try:
+        info[module] = import_optional(module, "describe_machine").__version__ if has_module(module) else None
+    info["gpu"] = None
+    if has_module("torch"):
         import torch
 
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        info["gpu"] = None
     return info

@@ -41,11 +41,11 @@ class Recipe:
         if self.realesrgan:
             import torch
 
-            from mordasr.training.realesrgan import RealESRGANConfig, degrade_realesrgan
+            from mordasr.data.realesrgan import RealESRGANConfig, degrade_realesrgan
 
             x = torch.from_numpy(np.ascontiguousarray(hr.transpose(2, 0, 1)[None], dtype=np.float32))
             return degrade_realesrgan(x, scale, RealESRGANConfig(), rng)[0].numpy().transpose(1, 2, 0).copy()
-        from mordasr.training.synthetic import Degradation, degrade
+        from mordasr.data.degradations import Degradation, degrade
 
         return degrade(hr, Degradation(self.blur_sigma, self.noise_sigma, self.jpeg_quality), scale, rng)
 

@@ -14,10 +14,10 @@ PLOTS = ("latency", "resolution", "buckets", "memory")
 
 
 def _plot(results: dict, out: Path) -> list[str]:
-    import matplotlib
+    from mordasr.lazy import import_optional
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_optional("matplotlib", "the benchmark plots").use("Agg")
+    plt = import_optional("matplotlib.pyplot", "the benchmark plots")
 
     written = []
     rows = results["variants"]

@@ -22,13 +22,13 @@ from mordasr.benchmarks.measure import (
     time_call,
 )
 from mordasr.errors import MordasrError
+from mordasr.runtime.backends import BACKENDS
+from mordasr.runtime.trt_settings import PRECISIONS
 
 # variant -> (adapter kind, export mode); "torch-eager" is the unmerged PyTorch MoR reference
 VARIANTS = {"mor-folded": ("mor", "folded"), "mor-gated": ("mor", "gated"),
             "mor-hybrid": ("mor", "hybrid"), "dense-lora": ("lora", "dense-lora"),
             "adaptir": ("adaptir", "adaptir"), "torch-eager": ("mor", None)}
-BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -117,8 +117,8 @@ def _models(cfg: BenchConfig, progress: Callable[[str], None]):
 
 def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(LR, HR) pairs: held-out photographs, centre crops, two fixed degradation strengths."""
-    from mordasr.training.data import HELDOUT_IMAGES, load_sample_image
-    from mordasr.training.synthetic import Degradation, degrade
+    from mordasr.data.degradations import Degradation, degrade
+    from mordasr.data.samples import HELDOUT_IMAGES, load_sample_image
 
     degradations = [Degradation(blur_sigma=1.0, noise_sigma=4 / 255, jpeg_quality=80),
                     Degradation(blur_sigma=2.0, noise_sigma=12 / 255, jpeg_quality=40)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ import click
 import numpy as np
 
 from mordasr.errors import MordasrError
+from mordasr.runtime.cli_options import verbosity
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -80,8 +80,10 @@ def _direct(bundle: Path, payloads: list[bytes], count: int) -> dict:
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
     """'1x1,2x1,1x2' -> [(replicas, threads), ...]"""
+    from mordasr.runtime.cli_options import parse_list
+
     configs = []
-    for item in text.split(","):
+    for item in parse_list(text, "--configs"):
         try:
             replicas, threads = (int(v) for v in item.strip().lower().split("x"))
         except ValueError:
@@ -96,9 +98,10 @@ def run_serving_benchmark(bundle: Path, configs: list[tuple[int, int]], requests
                           lr_size: int, max_batch_size: int, seed: int = 0, progress=print) -> dict:
     import os
 
-    from ray import serve
-
     from mordasr.benchmarks.measure import describe_machine
+    from mordasr.lazy import import_optional
+
+    serve = import_optional("ray.serve", "mordasr-bench-serve")
     from mordasr.runtime.manifest import load_manifest
     from mordasr.serving.app import ServiceConfig, build_app
     from mordasr.serving.cli import shutdown, start
@@ -163,7 +166,7 @@ def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
             atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-bench-serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle folder to serve.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Folder for report.md and results.json.")
@@ -177,23 +180,19 @@ def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
 @click.option("--lr-size", type=click.IntRange(min=8), default=64, show_default=True,
               help="Side of the (random) low-resolution request images, px.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("-q", "--quiet", is_flag=True)
+@verbosity
 def main(bundle: Path, out_dir: Path, configs: str, requests: int, concurrency: int, lr_size: int,
          max_batch_size: int, quiet: bool) -> None:
     """Measure Ray Serve requests/s and latency of BUNDLE from 1 to N replicas in one run."""
-    try:
-        from ray import serve  # noqa: F401
-    except ImportError:
-        click.echo("mordasr-bench-serve: error: needs Ray Serve: pip install 'mordasr[serve]'", err=True)
-        sys.exit(2)
-    try:
+    from mordasr.cli_errors import fail_on_errors
+    from mordasr.lazy import import_optional
+
+    with fail_on_errors("mordasr-bench-serve"):
+        import_optional("ray.serve", "mordasr-bench-serve")
         parsed = parse_configs(configs)
         results = run_serving_benchmark(bundle, parsed, requests, concurrency, lr_size, max_batch_size,
                                         progress=(lambda _m: None) if quiet else
                                         (lambda m: click.echo(f"bench-serve: {m}", err=True)))
-    except MordasrError as err:
-        click.echo(f"mordasr-bench-serve: error: {err}", err=True)
-        sys.exit(2)
     files = write_serving_report(results, out_dir)
     if not quiet:
         click.echo(files[0].read_text())

@@ -17,8 +17,8 @@ from mordasr.runtime.images import IMAGE_SUFFIXES, read_image
 
 
 def synthetic_images(count: int, scale: int, crop: int = 128, seed: int = 0) -> list[np.ndarray]:
-    from mordasr.training.data import CropSampler, sample_images
-    from mordasr.training.synthetic import degraded_batch
+    from mordasr.data.degradations import degraded_batch
+    from mordasr.data.samples import CropSampler, sample_images
 
     rng = np.random.default_rng(seed)
     hr = CropSampler(sample_images("train"), crop, seed).sample(count)

@@ -23,7 +23,7 @@ import warnings
 
 import onnx
 
-from mordasr.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+from mordasr.graphs import EXTERNAL_DATA_THRESHOLD
 
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
             "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Exp", "Sin", "Cos", "Erf", "TopK", "Resize")

@@ -25,8 +25,8 @@ from mordasr.calib.fp16 import convert_fp16
 from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT, quantize_int8
 from mordasr.calib.qdq_lint import lint_qdq
 from mordasr.errors import BundleError, MordasrError
-from mordasr.export.lint import check_bundle_graphs
-from mordasr.export.pack_writer import write_weight_packs
+from mordasr.graphs.lint import check_bundle_graphs
+from mordasr.graphs.packs import write_weight_packs
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest, sha256_file
 from mordasr.runtime.pipeline import Restorer
 
@@ -54,13 +54,9 @@ def component_precisions(precision: str, overrides: dict[str, str] | None = None
 
 def parse_precision_map(text: str | None) -> dict[str, str]:
     """``"unet=int8,decoder=fp32"`` -> ``{"unet": "int8", "decoder": "fp32"}``."""
-    result = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        component, sep, precision = item.partition("=")
-        if not sep:
-            raise MordasrError(f"bad precision map entry {item!r}: expected COMPONENT=PRECISION")
-        result[component.strip()] = precision.strip()
-    return result
+    from mordasr.runtime.cli_options import parse_pairs
+
+    return parse_pairs(text, "--component-precision", form="COMPONENT=PRECISION")
 
 
 def bundle_precision(precisions: dict[str, str]) -> str:

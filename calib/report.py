@@ -22,8 +22,8 @@ from mordasr.runtime.pipeline import Restorer
 
 
 def evaluation_set(count: int, scale: int, crop: int = 128, seed: int = 1234):
-    from mordasr.training.data import CropSampler, sample_images
-    from mordasr.training.synthetic import degraded_batch
+    from mordasr.data.degradations import degraded_batch
+    from mordasr.data.samples import CropSampler, sample_images
 
     rng = np.random.default_rng(seed)
     hr = CropSampler(sample_images("heldout"), crop, seed).sample(count)
@@ -60,8 +60,8 @@ def accuracy_report(model: OneStepSR, bundles: dict[str, str | Path], eval_image
             scores = next(iter(results.values())).scores
             route = first.centres[bucket] if bucket is not None else scores
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)[None]))
-            with torch.no_grad():
-                model.routing.scores = torch.from_numpy(np.asarray(route, np.float32)).reshape(1, -1)
+            with torch.no_grad(), model.routing.scores_for(
+                    torch.from_numpy(np.asarray(route, np.float32)).reshape(1, -1)):
                 z_l = model.encode(x)
                 eps = model.denoise(z_l)
                 reference = model.decode(model.schedule.x0(z_l, eps))[0].numpy().transpose(1, 2, 0)

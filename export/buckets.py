@@ -15,9 +15,9 @@ from mordasr.runtime.manifest import Bucket
 
 def calibration_scores(model: OneStepSR, samples: int = 256, crop: int = 128, seed: int = 0) -> np.ndarray:
     """Estimator scores (samples, D) of degraded crops of the training photographs."""
+    from mordasr.data.degradations import degraded_batch
+    from mordasr.data.samples import CropSampler, sample_images
     from mordasr.training.common import nchw
-    from mordasr.training.data import CropSampler, sample_images
-    from mordasr.training.synthetic import degraded_batch
 
     rng = np.random.default_rng(seed)
     sampler = CropSampler(sample_images("train"), crop, seed)

@@ -21,9 +21,10 @@ from mordasr.export.graphs import (
     example_inputs,
     lr_multiple,
 )
-from mordasr.export.lint import TENSORRT_MAJORS, check_bundle_graphs
-from mordasr.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_onnx, io_specs
-from mordasr.export.pack_writer import write_weight_packs
+from mordasr.export.onnx_export import DEFAULT_OPSET, export_onnx, io_specs
+from mordasr.graphs import EXTERNAL_DATA_THRESHOLD
+from mordasr.graphs.lint import TENSORRT_MAJORS, check_bundle_graphs
+from mordasr.graphs.packs import write_weight_packs
 from mordasr.model import OneStepSR
 from mordasr.model.inject import fold_adapters, fuse_adaptir, hybrid_adapters
 from mordasr.runtime.atomic import atomic_directory

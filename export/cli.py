@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from mordasr.calib.cli import precision_map_options
-from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT
-from mordasr.cli_errors import failer
-from mordasr.errors import MordasrError
+from mordasr.cli_errors import fail_on_errors
+from mordasr.runtime.cli_options import precision_map_options, verbosity
 from mordasr.runtime.manifest import MODES
 
-_fail = failer("mordasr-export")
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-export", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (manifest.json + one .onnx per graph).")
@@ -92,7 +85,7 @@ _fail = failer("mordasr-export")
 @click.option("--min-psnr", type=float, default=None,
               help="With --fp16/--int8: refuse the bundle when a bucket's PSNR vs FP32 PyTorch is below this (dB).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@verbosity
 def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket_placement: str,
          calib_samples: int, no_weight_packs: bool, device: str | None, min_size: str, opt_size: str,
          max_size: str, component_precision: str | None, fp32_fallback: tuple[str, ...], refittable: bool,
@@ -108,151 +101,68 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
     build_engines.sh (Polygraphy builds on the target device, trtexec as a fallback) and
     verify_engines.sh (each engine against ONNX Runtime); --engines builds here when TensorRT
     imports. The memory the bundle needs at --max-size (weights, activations per graph) is
-    printed and kept in the manifest; with --device it must fit the device's budget.
+    printed and kept in the manifest; with --device it must fit the device's budget. The bundle
+    is built beside OUT and renamed into place when complete: a refusal leaves nothing at OUT.
     """
-    logging.basicConfig(level=logging.WARNING)
     from tqdm import tqdm
 
     from mordasr.calib.precision_bundle import parse_precision_map
-    from mordasr.export.buckets import default_buckets, grid_buckets
-    from mordasr.export.bundle import MODES_BY_ADAPTER, check_mode, default_profile, export_bundle
-    from mordasr.export.device_plan import device_record, export_to_fit, fit_to_device, make_plan, remove_bundles
-    from mordasr.export.engine_script import write_engine_scripts
-    from mordasr.export.engines import build_engines
-    from mordasr.export.memory import MIB, estimate_bundle
-    from mordasr.model.io import load_checkpoint
-    from mordasr.runtime.devices import load_device_profile
+    from mordasr.export.pipeline import ExportRequest, run_export
+
+    bars: dict[str, tqdm] = {}
+
+    def on_graph(mode: str, file: str, total: int) -> None:
+        bar = bars.setdefault(mode, tqdm(total=total, desc=f"export {mode}", unit="graph", disable=quiet,
+                                         file=sys.stderr))
+        bar.set_postfix_str(file)
+        bar.update(1)
+
+    with fail_on_errors("mordasr-export"):
+        request = ExportRequest(
+            checkpoint, out, mode=mode, buckets=num_buckets, bucket_placement=bucket_placement,
+            calib_samples=calib_samples, weight_packs=not no_weight_packs, device=device,
+            sizes={"min": min_size, "opt": opt_size, "max": max_size},
+            component_precision=parse_precision_map(component_precision), fp32_fallback=fp32_fallback,
+            precision=precision, min_psnr=min_psnr, refittable=refittable, max_batch=max_batch,
+            workspace_mb=workspace_mb, optimization_level=opt_level, strongly_typed=strongly_typed,
+            build_engines=build_now, triton_dir=triton_dir, opset=opset, slim=not no_slim, seed=seed, force=force,
+            quiet=quiet)
+        try:
+            result = run_export(request, note=lambda text: click.echo(f"note: {text}", err=True), on_graph=on_graph)
+        finally:
+            for bar in bars.values():
+                bar.close()
+    if not quiet:
+        _report(result, triton_dir)
+
+
+def _report(result, triton_dir: Path | None) -> None:
+    """What was written: the bundles, buckets, memory estimate, engines, Triton repository."""
     from mordasr.runtime.manifest import load_manifest
-    from mordasr.runtime.trt_settings import EngineOptions, parse_size
 
-    written: list[Path] = []
-    if triton_dir is not None and triton_dir.exists() and not force:
-        _fail(f"{triton_dir} already exists (pass --force to replace it)")
-    try:
-        profile = load_device_profile(device) if device else None
-        model, meta = load_checkpoint(checkpoint, add_adapters=False)
-        if not model.has_adapters:
-            _fail(f"{checkpoint} is a base checkpoint without adapters; train adapters first "
-                  "(mordasr-train adapters)")
-        kind = model.config.adapter.kind
-        if mode:
-            check_mode(kind, mode)
-        plan = make_plan(default_profile(model.config.preset), MODES_BY_ADAPTER[kind], device=profile,
-                         sizes={k: parse_size(v) if v else None
-                                for k, v in (("min", min_size), ("opt", opt_size), ("max", max_size))},
-                         workspace_mb=workspace_mb, optimization_level=opt_level, precision=precision,
-                         component_precision=parse_precision_map(component_precision),
-                         fp32_fallback=fp32_fallback or None, mode=mode, max_batch=max_batch)
-        headline = plan.headline_precision
-        fp32_out = out.with_name(out.name + "-fp32") if headline else out
-        for path in {out, fp32_out}:
-            if path.exists() and not force:
-                _fail(f"{path} already exists (pass --force to replace it)")
-        sizes = {k: f"{w}x{h}" for k, (h, w) in plan.sizes.items()}
-        engine_options = EngineOptions(sizes["min"], sizes["opt"], sizes["max"], refittable=refittable,
-                                       strongly_typed=True if strongly_typed else None,
-                                       workspace_mb=plan.workspace_mb, optimization_level=plan.optimization_level,
-                                       tactic_dram_mb=plan.tactic_dram_mb)
-        for note in plan.notes:
-            click.echo(f"note: {note}", err=True)
-
-        def export_mode(candidate: str) -> list[Path]:
-            k = num_buckets if candidate == "folded" else 1  # other modes record one bucket for reference
-            if bucket_placement == "grid":
-                buckets = grid_buckets(k, [p[0] for p in model.config.prompts])
-            else:
-                buckets = default_buckets(model, k, calib_samples, seed)
-            total = 2 + 2 * len(buckets) if candidate == "folded" else 4
-            with tqdm(total=total, desc=f"export {candidate}", unit="graph", disable=quiet, file=sys.stderr) as bar:
-                def on_graph(name: str) -> None:
-                    bar.set_postfix_str(name)
-                    bar.update(1)
-
-                export_bundle(model, fp32_out, candidate, buckets, opset=opset, slim=not no_slim, force=True,
-                              random_weights=bool(meta.get("random_weights")), weight_packs=not no_weight_packs,
-                              profile=plan.sizes, max_batch=plan.max_batch,
-                              source={**checkpoint_source(checkpoint, fp32_out), "bucket_placement": bucket_placement,
-                                      **imported_source(meta)},
-                              on_graph=on_graph)
-            written.append(fp32_out)
-            if headline:
-                from mordasr.calib.cli import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
-
-                calibrate(fp32_out, out, headline, checkpoint=checkpoint, calib_images=DEFAULT_CALIB_IMAGES,
-                          calib_dir=None, method="minmax", smoothquant=False, keep_float=DEFAULT_KEEP_FLOAT,
-                          min_psnr=min_psnr, eval_images=DEFAULT_EVAL_IMAGES, seed=seed, force=True,
-                          quiet=quiet, components=plan.precisions, fp32_fallback=plan.fp32_fallback)
-                written.append(out)
-            done = list(written)
-            written.clear()  # export_to_fit owns them now: it removes a mode that does not fit
-            return done
-
-        estimate, switch, written = export_to_fit(plan, out, export_mode,
-                                                  lambda text: click.echo(f"note: {text}", err=True))
-        # A bundle whose buckets are switched by refit gets engines that can refit.
-        engine_options = replace(engine_options, refittable=engine_options.refittable or switch == "refit")
-        for path in written:
-            bundle_manifest = load_manifest(path)
-            path_estimate = estimate if path == out else fit_to_device(path, bundle_manifest, plan)[0]
-            cpu = estimate_bundle(path, bundle_manifest, path_estimate.output_size, runtime="onnxruntime-cpu")
-            memory = {**path_estimate.to_dict(), "onnxruntime_cpu_total_mib": round(cpu.total / MIB, 1)}
-            replace(bundle_manifest, device=device_record(plan, switch), memory=memory,
-                    engine_options=engine_options.to_dict()).write(path)
-            write_engine_scripts(path, load_manifest(path), engine_options)
-        written = []  # complete bundles from here on: an engine build failure keeps them
-        if build_now:
-            for path in [fp32_out] + ([out] if headline else []):
-                for engine in build_engines(path, engine_options):
-                    if not quiet:
-                        click.echo(f"built {path / engine.file} ({engine.build_seconds:.1f} s)")
-        if triton_dir is not None:
-            _write_triton(out, triton_dir, engines=build_now, quiet=quiet)
-    except (MordasrError, ValueError) as err:
-        remove_bundles(written)
-        _fail(str(err))
-    if not quiet:
-        final, manifest = load_manifest(out), load_manifest(fp32_out)
-        if headline:
-            click.echo(f"wrote {out} ({final.precision}: " + ", ".join(f"{c} {p}" for c, p in plan.precisions.items())
-                       + f"; accuracy report in {out / 'accuracy.md'}) and {fp32_out} (fp32)")
-        click.echo(f"wrote {fp32_out}: {manifest.mode} {manifest.adapter} bundle, "
-                   f"{len(manifest.graphs)} graphs, {len(manifest.buckets)} bucket(s), "
-                   f"{len(manifest.weight_packs)} weight packs, build_engines.sh, verify_engines.sh")
-        for b in manifest.buckets:
-            click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
-        click.echo(estimate.table())
-        click.echo(f"  on ONNX Runtime's CPU backend (one shared arena): about "
-                   f"{final.memory['onnxruntime_cpu_total_mib']:.0f} MiB")
-        if profile is not None:
-            click.echo(f"device {profile.name}: budget {profile.budget_bytes / 2**20:.0f} MiB "
-                       f"({profile.memory_budget:.0%} of {profile.memory_gib:g} GiB); bucket switch {switch}")
-
-
-def checkpoint_source(checkpoint: Path, bundle: Path) -> dict[str, str]:
-    """Where the bundle came from, findable from any working directory: absolute, and relative to
-    the bundle (for a bundle moved together with its checkpoint)."""
-    return {"checkpoint": str(checkpoint.resolve()),
-            "checkpoint_from_bundle": os.path.relpath(checkpoint.resolve(), bundle.resolve())}
-
-
-def imported_source(meta: dict) -> dict:
-    """For a checkpoint from mordasr-import: its origin and the prompt baked into the UNet."""
-    return {key: meta[key] for key in ("imported", "text_conditioning") if key in meta}
-
-
-def _write_triton(bundle: Path, repo: Path, engines: bool, quiet: bool) -> None:
-    from mordasr.export.triton import TritonOptions, validate_repository, write_triton_repository
-
-    models = write_triton_repository(bundle, repo, TritonOptions(engines=engines), force=True)
-    try:
-        problems = validate_repository(repo)
-    except MordasrError as err:  # tritonclient missing: the repository is written, unchecked
-        click.echo(f"note: {repo} not validated: {err}", err=True)
-        problems = []
-    if problems:
-        raise MordasrError(f"{repo}: " + "; ".join(problems))
-    if not quiet:
-        click.echo(f"wrote Triton repository {repo} ({len(models)} models; start: see {repo / 'README.md'})")
+    final, manifest = load_manifest(result.out), load_manifest(result.fp32_out)
+    if result.out != result.fp32_out:
+        click.echo(f"wrote {result.out} ({final.precision}: " + ", ".join(
+            f"{c} {p}" for c, p in result.plan.precisions.items()) + f"; accuracy report in "
+            f"{result.out / 'accuracy.md'}) and {result.fp32_out} (fp32)")
+    click.echo(f"wrote {result.fp32_out}: {manifest.mode} {manifest.adapter} bundle, {len(manifest.graphs)} graphs, "
+               f"{len(manifest.buckets)} bucket(s), {len(manifest.weight_packs)} weight packs, build_engines.sh, "
+               "verify_engines.sh")
+    for b in manifest.buckets:
+        click.echo(f"  {b.label}: " + " ".join(f"{v:.2f}" for v in b.centre))
+    click.echo(result.estimate.table())
+    click.echo(f"  on ONNX Runtime's CPU backend (one shared arena): about "
+               f"{final.memory['onnxruntime_cpu_total_mib']:.0f} MiB")
+    for path, engine in result.engines:
+        click.echo(f"built {path / engine.file} ({engine.build_seconds:.1f} s)")
+    if result.triton_models is not None:
+        click.echo(f"wrote Triton repository {triton_dir} ({len(result.triton_models)} models; start: see "
+                   f"{triton_dir / 'README.md'})")
+    if result.plan.device is not None:
+        device_profile = result.plan.device
+        click.echo(f"device {device_profile.name}: budget {device_profile.budget_bytes / 2**20:.0f} MiB "
+                   f"({device_profile.memory_budget:.0%} of {device_profile.memory_gib:g} GiB); "
+                   f"bucket switch {result.bucket_switch}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ them. Dynamic dims are named so the manifest (and later TensorRT profiles) can r
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,12 @@ class RouterGraph(nn.Module):
         return self.estimator(image)
 
 
+def routed(model: OneStepSR, scores: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """The scores a gated graph takes as its input, for the adapter layers; a folded or merged
+    graph reads none (its routing is in its weights)."""
+    return model.routing.scores_for(scores) if scores is not None else contextlib.nullcontext()
+
+
 class EncoderGraph(nn.Module):
     """Low-resolution image (N, 3, h, w) in [0, 1] [+ scores when gated] -> scaled latent mean."""
 
@@ -51,9 +58,8 @@ class EncoderGraph(nn.Module):
         self.gated = gated
 
     def forward(self, image: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gated:
-            self.model.routing.scores = scores
-        return self.model.encode(image)
+        with routed(self.model, scores if self.gated else None):
+            return self.model.encode(image)
 
 
 class UNetGraph(nn.Module):
@@ -65,9 +71,8 @@ class UNetGraph(nn.Module):
         self.gated = gated
 
     def forward(self, latent: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gated:
-            self.model.routing.scores = scores
-        return self.model.denoise(latent)
+        with routed(self.model, scores if self.gated else None):
+            return self.model.denoise(latent)
 
 
 class DecoderGraph(nn.Module):

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from mordasr.export.graphs import ComponentSpec
+from mordasr.graphs import EXTERNAL_DATA_THRESHOLD
+from mordasr.lazy import has_module
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-# Protobuf cannot serialise a message past 2 GiB; stay well under it (sd21's UNet is ~3.4 GB fp32).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                  onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                  onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -84,11 +84,11 @@ def _clean_structure(path: Path) -> None:
     it loads every weight (measured: killed at 24 GB on the sd21 UNet); its dead-node pass reads
     constant values, which a graph loaded without its data does not have.
     """
-    try:
-        import onnx_graphsurgeon as gs
-    except ImportError:
+    if not has_module("onnx_graphsurgeon"):
         log.warning("%s: onnx-graphsurgeon not installed; the graph keeps the exporter's folding only", path.name)
         return
+    import onnx_graphsurgeon as gs
+
     structure = onnx.load(str(path), load_external_data=False)
     graph = gs.import_onnx(structure)
     before = len(graph.nodes)
@@ -100,11 +100,11 @@ def _clean_structure(path: Path) -> None:
 
 
 def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        import onnxslim
-    except ImportError:
+    if not has_module("onnxslim"):
         log.warning("onnxslim not installed: graphs are exported without slimming")
         return model
+    import onnxslim
+
     return onnxslim.slim(model)
 
 

@@ -186,12 +186,10 @@ def validate_repository(repo_dir: str | Path) -> list[str]:
     batching consistently, and for ONNX models declare exactly the graph's inputs and outputs
     with its element types and dims. The pipeline's model map must name models that exist.
     """
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise MordasrError("validating a Triton repository needs tritonclient[grpc]: "
-                           "pip install 'mordasr[serve]'") from None
+    from mordasr.lazy import import_optional
+
+    model_config_pb2 = import_optional("tritonclient.grpc.model_config_pb2", "validating a Triton repository")
+    from google.protobuf import text_format  # tritonclient's own dependency
     repo_dir = Path(repo_dir)
     problems: list[str] = []
     configs = sorted(repo_dir.glob("*/config.pbtxt"))

@@ -9,11 +9,12 @@ import click
 
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
+from mordasr.runtime.cli_options import tile_option, verbosity
 
 _fail = failer("mordasr-triton")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-triton", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Repository folder to write (or, with --check, to check).")
@@ -28,10 +29,10 @@ _fail = failer("mordasr-triton")
               help="Dynamic batching: microseconds a request may wait for others.")
 @click.option("--engines", is_flag=True,
               help="Serve the bundle's TensorRT engines (tensorrt_plan) instead of its ONNX graphs.")
-@click.option("--tile", type=click.IntRange(min=0), default=None,
-              help="Pipeline model: LR tile side (as mordasr-run --tile).")
+@tile_option
 @click.option("--check", is_flag=True, help="Only validate the repository at --out and report problems.")
 @click.option("--force", is_flag=True, help="Replace an existing repository folder.")
+@verbosity
 def main(bundle: Path, out: Path, kind: str, instances: int, max_batch_size: int, queue_delay_us: int,
          engines: bool, tile: int | None, check: bool, force: bool) -> None:
     """Write a Triton model repository for BUNDLE: one model per graph and the 'mordasr' model.

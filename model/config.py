@@ -120,17 +120,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        adapter = dict(data.pop("adapter", {}))
-        for key in ("encoder_targets", "unet_targets"):
-            if key in adapter:
-                adapter[key] = tuple(adapter[key])
-        data["prompts"] = tuple(tuple(p) for p in data.get("prompts", DEGRADATION_PROMPTS))
-        config = cls(**data, adapter=AdapterConfig(**adapter))
+        from mordasr.records import from_dict
+
+        config = from_dict(cls, data, "model config")
         config.adapter.validate()
         return config
 

@@ -7,7 +7,7 @@ so neither this module's export nor the runtime ever runs a text encoder.
 
 The ``tiny`` preset has no pretrained CLIP offline: its small open_clip vision tower and its
 "text" embeddings are fitted together to the known parameters of synthetic degradations
-(see ``mordasr.training.synthetic.target_scores``), so its scores mean the same thing.
+(see ``mordasr.data.degradations.target_scores``), so its scores mean the same thing.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mordasr.model.adapters import AdapterLayer, LoRAConv2d, LoRALinear, MoRConv2d, MoRLayer, MoRLinear, RoutingContext
+from mordasr.model.adapters import AdapterLayer, LoRALayer, MoRLayer, RoutingContext
 from mordasr.model.config import AdapterConfig
 
 
@@ -19,12 +19,9 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
 def make_adapter(base: nn.Module, config: AdapterConfig, num_scores: int,
                  routing: RoutingContext, name: str = "") -> AdapterLayer:
     """The configured adapter around ``base``; ``name`` (its full name) looks up per-module ranks."""
-    is_conv = isinstance(base, nn.Conv2d)
     if config.kind == "lora":
-        cls = LoRAConv2d if is_conv else LoRALinear
-        return cls(base, config.rank_of(name), config.alpha_of(name), routing)
-    cls = MoRConv2d if is_conv else MoRLinear
-    return cls(base, r_shared=config.r_shared, r_routed=config.r_routed, top_k=config.top_k,
+        return LoRALayer(base, config.rank_of(name), config.alpha_of(name), routing)
+    return MoRLayer(base, r_shared=config.r_shared, r_routed=config.r_routed, top_k=config.top_k,
                n_zero=config.n_zero, num_scores=num_scores, alpha=config.alpha, routing=routing,
                expert_size=config.expert_size)
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from mordasr.errors import CheckpointError
 from mordasr.model.config import ModelConfig
 from mordasr.model.onestep import OneStepSR
+from mordasr.records import RecordError
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -78,7 +79,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
     try:
         data = json.loads(config_file.read_text())
         return ModelConfig.from_dict(data["model"]), data.get("meta", {})
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecordError) as err:
         raise CheckpointError(f"{config_file}: invalid checkpoint config ({err})") from None
 
 

@@ -102,9 +102,9 @@ class OneStepSR(nn.Module):
     def forward(self, x_lr: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         if scores is None:
             scores = self.estimate(x_lr)
-        self.routing.scores = scores
-        z_l = self.encode(x_lr)
-        z_h = self.schedule.x0(z_l, self.denoise(z_l))
+        with self.routing.scores_for(scores):
+            z_l = self.encode(x_lr)
+            z_h = self.schedule.x0(z_l, self.denoise(z_l))
         return self.decode(z_h)
 
 

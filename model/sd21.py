@@ -33,11 +33,10 @@ def prompt_embedding(diffusers_dir: str | Path, prompt: str = "", tokens: int = 
 
     The exported UNet takes no text input: this one embedding (the empty prompt by default,
     OSEDiff's tag prompt when imported with ``--prompt``) is baked into every graph."""
-    try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-    except ImportError:
-        raise CheckpointError("reading a text embedding from a diffusers folder needs "
-                              "transformers: pip install transformers") from None
+    from mordasr.lazy import import_optional
+
+    transformers = import_optional("transformers", "reading a text embedding from a diffusers folder")
+    CLIPTextModel, CLIPTokenizer = transformers.CLIPTextModel, transformers.CLIPTokenizer
     diffusers_dir = Path(diffusers_dir)
     for sub in ("tokenizer", "text_encoder"):
         if not (diffusers_dir / sub).is_dir():

@@ -9,7 +9,6 @@ teacher's own result and the student's agreement with it, where the teacher is i
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import click
 
 from mordasr.model.io import DEFAULT_BASE, SHIPPED_BASES
+from mordasr.runtime.cli_options import verbosity
 from mordasr.runtime.manifest import MODES
 
 DEMO_DEGRADATION = {"blur_sigma": 1.2, "noise_sigma": 8 / 255, "jpeg_quality": 60}
@@ -31,7 +31,7 @@ def _quality(image, reference) -> tuple[float, float]:
     return metrics.psnr(a, b, 255.0), metrics.ssim(a, b, 255.0)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-demo", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for the checkpoint, the bundle and the images.")
 @click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True,
@@ -48,7 +48,7 @@ def _quality(image, reference) -> tuple[float, float]:
               help="The shipped base the adapters are trained on: " + "; ".join(
                   f"{name}: {what}" for name, what in SHIPPED_BASES.items()) + " (or a base checkpoint folder).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@verbosity
 def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: str, base: str, seed: int,
          quiet: bool) -> None:
     """Train (briefly), export, and run MoR-DASR on a real degraded photograph."""
@@ -56,6 +56,8 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     import torch
 
     from mordasr import metrics
+    from mordasr.data.degradations import Degradation, degrade
+    from mordasr.data.samples import load_sample_image
     from mordasr.errors import MordasrError
     from mordasr.export.buckets import default_buckets
     from mordasr.export.bundle import check_mode, default_mode, export_bundle
@@ -63,8 +65,6 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     from mordasr.runtime import Restorer
     from mordasr.runtime.images import read_image, write_image
     from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
-    from mordasr.training.data import load_sample_image
-    from mordasr.training.synthetic import Degradation, degrade
 
     mode = mode or default_mode(adapter)
     try:
@@ -73,7 +73,6 @@ def main(out: Path, steps: int, adapter: str, mode: str, buckets: int, image: st
     except MordasrError as err:
         raise click.UsageError(str(err)) from None
 
-    logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

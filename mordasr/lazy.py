@@ -26,7 +26,12 @@ KNOWN = {
     "cuda.bindings.runtime": ("cuda-python", "cudaGetDeviceCount"),
     "polygraphy": ("polygraphy", "__version__"),
     "polygraphy.backend.trt": ("polygraphy", "EngineBytesFromNetwork"),
-    "ray": ('"ray[serve,data]"', "init"),
+    "ray": ("'mordasr[serve]' (or pip install \"ray[serve,data]\")", "init"),
+    "ray.serve": ("'mordasr[serve]' (or pip install \"ray[serve]\")", "deployment"),
+    "ray.data": ("'mordasr[serve]' (or pip install \"ray[data]\")", "from_items"),
+    "tritonclient.grpc.model_config_pb2": ("'mordasr[serve]' (or pip install \"tritonclient[grpc]\")", "ModelConfig"),
+    "transformers": ("'mordasr[import]' (or pip install transformers)", "CLIPTextModel"),
+    "matplotlib.pyplot": ("'mordasr[bench]' (or pip install matplotlib)", "figure"),
     "safetensors.numpy": ("safetensors", "load_file"),
     "matplotlib": ("matplotlib", "use"),
 }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -13,10 +11,21 @@ import click
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
 from mordasr.runtime.backends import backend_options
-from mordasr.runtime.cli_options import backend_option, bucket_switch_option, max_engines_option, threads_option
-from mordasr.runtime.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_image
+from mordasr.runtime.cli_options import (
+    backend_option,
+    bucket_switch_option,
+    color_fix_option,
+    max_engines_option,
+    max_pixels_option,
+    parse_list,
+    threads_option,
+    tile_option,
+    verbosity,
+)
+from mordasr.runtime.images import IMAGE_SUFFIXES, read_image
 
 _fail = failer("mordasr-run")
+log = logging.getLogger("mordasr.runtime")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -66,27 +75,6 @@ class _Reporter:
                 bar.close()
 
 
-class _WarningsOnStderr(logging.Handler):
-    """The runtime's logged warnings (a graph rerun in FP32, a flat output, EXIF a JPEG cannot
-    hold) as ``mordasr-run: warning: ...`` lines, written above any progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"mordasr-run: warning: {record.getMessage()}", file=sys.stderr)
-
-
-@contextmanager
-def _warnings_on_stderr(quiet: bool) -> Iterator[None]:
-    """-q: none at all (Python's last-resort handler would print them bare otherwise)."""
-    logger, handler = logging.getLogger("mordasr"), _WarningsOnStderr(logging.ERROR if quiet else logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
 def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> None:
     from mordasr.runtime.compare import compare_backends
 
@@ -94,11 +82,11 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
         _fail("--compare-backends takes one image, not a folder")
     try:
         image = read_image(input_path, max_pixels=max_pixels)
-        rows = compare_backends(bundle, image, [s for s in specs.split(",") if s.strip()])
-    except MordasrError as err:
+        names = parse_list(specs, "--compare-backends")
+        rows = compare_backends(bundle, image, list(names))
+    except (MordasrError, ValueError) as err:
         _fail(str(err))
-    a, b = specs.split(",")[:2]
-    click.echo(f"{input_path}: {a.strip()} vs {b.strip()}")
+    click.echo(f"{input_path}: {names[0]} vs {names[1]}")
     click.echo(f"  {'output':<12} {'max abs':>12} {'mean abs':>12} {'atol':>8}  verdict (Polygraphy)")
     for row in rows:
         verdict = {True: "PASSED", False: "FAILED", None: "-- (pip install polygraphy)"}[row["passed"]]
@@ -108,7 +96,7 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
         _fail("the backends differ beyond the tolerances above", exit_code=1)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output image file, or folder (created) when INPUT is a folder (required unless "
@@ -125,11 +113,8 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff", "bmp"]), default=None,
               help="Output format [default: the output name's suffix; PNG for a folder's files "
                    "keeps each input's suffix].")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Refuse inputs with more pixels than this (guards memory and decompression bombs).")
-@click.option("--tile", type=click.IntRange(min=0), default=None,
-              help="Tile side in input (LR) pixels for images larger than it; 0 disables tiling "
-                   "[default: the bundle profile's largest output / scale].")
+@max_pixels_option()
+@tile_option
 @click.option("--tile-overlap", type=click.IntRange(min=0), default=None,
               help="Overlap between tiles in input pixels [default: tile / 4].")
 @click.option("--tile-window", type=click.Choice(["gaussian", "linear"]), default="gaussian", show_default=True,
@@ -137,9 +122,7 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
 @click.option("--tile-routing", is_flag=True,
               help="Score each tile for routing instead of the whole image (default: one score for "
                    "the whole image, the mean over up to four windows at its own resolution).")
-@click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True,
-              help="Pull the output's colours toward the input (OSEDiff's AdaIN or wavelet fix), band by "
-                   "band; adain keeps a streamed output in a temporary file until its statistics are known.")
+@color_fix_option
 @click.option("--bit-depth", type=click.Choice(["auto", "8", "16"]), default="auto", show_default=True,
               help="Output bits per channel: auto keeps 16-bit inputs 16-bit (PNG output only).")
 @click.option("--no-alpha", is_flag=True,
@@ -157,7 +140,7 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
               help="--ray: runtime workers (actors), each holding the bundle once [default: the "
                    "cluster's CPUs / --threads].")
 @click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only: no progress, no per-file lines, no warnings.")
+@verbosity
 def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str | None,
          max_engines: int | None, compare_backends: str | None, threads: int | None, fmt: str | None,
          max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
@@ -216,23 +199,22 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     job_options = RestoreOptions(tiling=tiling, color_fix=color_fix, bit_depth=bit_depth, keep_alpha=not no_alpha,
                                  max_pixels=max_pixels)
     reporter = _Reporter(len(jobs), quiet)
-    with _warnings_on_stderr(quiet):
-        if use_ray:
-            try:
-                from mordasr.serving.batch import restore_with_ray
+    if use_ray:
+        try:
+            from mordasr.serving.batch import restore_with_ray
 
-                summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
-                                           cpus_per_worker=threads or 1, address=address, on_result=reporter)
-            except (MordasrError, ImportError) as err:
-                _fail(str(err))
-        else:
-            try:
-                restorer = Restorer(bundle, backend=backend, **options)
-            except MordasrError as err:
-                _fail(str(err))
-            if not quiet:
-                for warning in restorer.device_warnings():
-                    click.echo(f"mordasr-run: warning: {warning}", err=True)
+            summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
+                                       cpus_per_worker=threads or 1, address=address, on_result=reporter)
+        except MordasrError as err:
+            _fail(str(err))
+    else:
+        try:
+            restorer = Restorer(bundle, backend=backend, **options)
+        except MordasrError as err:
+            _fail(str(err))
+        with restorer:
+            for warning in restorer.device_warnings():
+                log.warning("%s", warning)
             restore_files(restorer, jobs, job_options, on_result=reporter, on_tile=reporter.tile)
     reporter.close()
     if use_ray and not quiet:

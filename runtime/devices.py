@@ -16,11 +16,12 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 from mordasr.errors import MordasrError
+from mordasr.records import from_dict
 
 PROFILE_PATH_ENV = "MORDASR_DEVICE_PROFILES"  # extra folders of profile files, ':'-separated
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
@@ -67,23 +68,10 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, data: dict, file: str = "") -> "DeviceProfile":
-        where = file or data.get("name", "device profile")
-        if not isinstance(data, dict):
-            raise MordasrError(f"{where}: a device profile is a JSON object")
-        known = {f for f in cls.__dataclass_fields__ if f != "file"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MordasrError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        required = [f for f, spec in cls.__dataclass_fields__.items()
-                    if spec.default is MISSING and spec.default_factory is MISSING]
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise MordasrError(f"{where}: missing key {missing[0]!r}")
-        builder = data["builder"]
-        builder_known = set(BuilderLimits.__dataclass_fields__)
-        if not isinstance(builder, dict) or set(builder) - builder_known:
-            raise MordasrError(f"{where}: builder takes {', '.join(sorted(builder_known))}")
-        profile = cls(**{**data, "builder": BuilderLimits(**builder)}, file=file)
+        where = file or (data.get("name") if isinstance(data, dict) else None) or "device profile"
+        if isinstance(data, dict) and "file" in data:
+            raise MordasrError(f"{where}: unknown key 'file'")
+        profile = replace(from_dict(cls, data, where), file=file)
         profile.validate(where)
         return profile
 

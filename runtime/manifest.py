@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mordasr.errors import BundleError
+from mordasr.records import RecordError, from_dict
 from mordasr.runtime.atomic import atomic_write
 
 SCHEMA_VERSION = 2
@@ -173,16 +174,9 @@ class Manifest:
         return atomic_write(Path(bundle_dir) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        data = dict(data)
-        data["buckets"] = [Bucket(**b) for b in data["buckets"]]
-        data["graphs"] = [GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
-                                         "outputs": [TensorSpec(**t) for t in g["outputs"]]})
-                          for g in data["graphs"]]
-        data["weight_packs"] = [WeightPack(**p) for p in data.get("weight_packs", [])]
-        data["engines"] = [EngineSpec(**e) for e in data.get("engines", [])]
-        data["schema_version"] = SCHEMA_VERSION  # schema 1 lacks only fields that have defaults
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        # schema 1 lacks only fields that have defaults
+        return from_dict(cls, {**data, "schema_version": SCHEMA_VERSION}, where)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -210,9 +204,9 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
         raise BundleError(f"{path}: manifest schema {version!r}, this runtime reads schema "
                           f"{SCHEMA_VERSION}; re-export the bundle with this mordasr version")
     try:
-        manifest = Manifest.from_dict(data)
-    except (TypeError, KeyError) as err:
-        raise BundleError(f"{path}: malformed manifest ({err}); re-export the bundle") from None
+        manifest = Manifest.from_dict(data, str(path))
+    except RecordError as err:
+        raise BundleError(f"malformed manifest: {err}; re-export the bundle") from None
     if manifest.mode not in MODES:
         raise BundleError(f"{path}: unknown export mode {manifest.mode!r}")
     if manifest.precision not in PRECISIONS:

@@ -40,7 +40,9 @@ class Tiling:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Tiling":
-        return cls(**data)
+        from mordasr.records import from_dict
+
+        return from_dict(cls, data, "tiling")
 
 
 def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from mordasr.errors import MordasrError
+from mordasr.records import from_dict
 from mordasr.runtime.engine_names import TensorRTVersion
 from mordasr.runtime.manifest import GraphSpec, Manifest
 from mordasr.runtime.routing import MAX_WINDOWS
@@ -55,8 +56,7 @@ class EngineOptions:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EngineOptions":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return from_dict(cls, data, "engine options")
 
     def pool_limits_mb(self) -> dict[str, int]:
         """Memory pool caps by ``trt.MemoryPoolType`` name (Polygraphy's ``--pool-limit`` names
@@ -251,3 +251,18 @@ def profile_advice(graph: str, name: str, shape: tuple[int, ...], profile: list[
     return f"{head}; rebuild the engine (bash build_engines.sh)"
 
 
+def recorded_engine_options(manifest: Manifest) -> EngineOptions:
+    """The options the exporter built (or would build) the bundle's engines with, so an engine the
+    cache builds is the one ``build_engines.sh`` builds. Bundles older than the record: their
+    profile sizes and device caps."""
+    if manifest.engine_options:
+        return EngineOptions.from_dict(manifest.engine_options)
+    sizes = {k: f"{hw[1]}x{hw[0]}" for k, hw in manifest.profile.items()} or {}
+    builder = manifest.device.get("builder", {})
+    defaults = EngineOptions()
+    return EngineOptions(min_size=sizes.get("min", defaults.min_size), opt_size=sizes.get("opt", defaults.opt_size),
+                         max_size=sizes.get("max", defaults.max_size),
+                         refittable=manifest.device.get("bucket_switch") == "refit",
+                         workspace_mb=builder.get("workspace_mb", defaults.workspace_mb),
+                         tactic_dram_mb=builder.get("tactic_dram_mb"),
+                         optimization_level=builder.get("optimization_level", defaults.optimization_level))

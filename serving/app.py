@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mordasr.errors import first_line
+from mordasr.lazy import import_optional
 from mordasr.serving.requests import RequestLimits
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -40,12 +41,7 @@ class ServiceConfig:
 
 
 def _import_ray():
-    try:
-        from ray import serve
-    except ImportError:
-        raise ImportError("mordasr-serve needs Ray Serve: pip install 'mordasr[serve]' "
-                          "(or pip install 'ray[serve]')") from None
-    return serve
+    return import_optional("ray.serve", "mordasr-serve")
 
 
 class RestoreService:

@@ -62,11 +62,10 @@ def restore_with_ray(jobs: list[tuple[Path, Path]], bundle: Path, backend: str, 
                      address: str | None = None, on_result: Callable[[str, str, str], None] | None = None
                      ) -> BatchSummary:
     """Restore ``jobs`` on a pool of Ray actors; ``on_result(src, error, message)`` per image."""
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ImportError("--ray needs Ray Data: pip install 'mordasr[serve]' (or pip install 'ray[data]')") from None
+    from mordasr.lazy import import_optional
+
+    ray = import_optional("ray", "--ray")
+    import_optional("ray.data", "--ray")
     from mordasr.runtime.manifest import load_manifest
 
     load_manifest(bundle)  # one clear error here rather than one per actor

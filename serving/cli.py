@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import time
 from pathlib import Path
@@ -11,14 +10,23 @@ import click
 
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
-from mordasr.runtime.cli_options import backend_option, bucket_switch_option, threads_option
+from mordasr.lazy import import_optional
+from mordasr.runtime.cli_options import (
+    backend_option,
+    bucket_switch_option,
+    color_fix_option,
+    max_pixels_option,
+    threads_option,
+    tile_option,
+    verbosity,
+)
 from mordasr.runtime.tiling import Tiling
-from mordasr.serving.requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from mordasr.serving.requests import DEFAULT_MAX_BYTES
 
 _fail = failer("mordasr-serve")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("mordasr-serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, type=click.Path(path_type=Path),
               help="Bundle folder written by mordasr-export (holds manifest.json).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -42,13 +50,12 @@ _fail = failer("mordasr-serve")
               help="How long a replica waits to fill a batch.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES, show_default=True,
               help="Largest request body; larger ones get 413.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Largest input image in pixels; larger ones get 413 before their pixels are decoded.")
-@click.option("--tile", type=click.IntRange(min=0), default=None,
-              help="As mordasr-run --tile [default: the bundle profile's largest output / scale].")
-@click.option("--color-fix", type=click.Choice(["none", "adain", "wavelet"]), default="none", show_default=True)
+@max_pixels_option("Largest input image in pixels; larger ones get 413 before their pixels are decoded.")
+@tile_option
+@color_fix_option
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Write the service URL to this file once it answers (for scripts and tests).")
+@verbosity
 def main(bundle: Path, host: str, port: int, route: str, address: str | None, replicas: int,
          cpus_per_replica: float, gpus_per_replica: float, backend: str, threads: int | None,
          bucket_switch: str | None, max_batch_size: int, batch_wait_ms: float, max_bytes: int, max_pixels: int,
@@ -69,7 +76,6 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
     Requests arriving together are batched per replica (--max-batch-size, --batch-wait-ms).
     Starts a local Ray (or joins --address) and runs until interrupted (Ctrl-C).
     """
-    logging.basicConfig(level=logging.WARNING)
     from mordasr.serving.app import ServiceConfig, build_app
     from mordasr.serving.requests import RequestLimits
 
@@ -80,7 +86,7 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
                            restore={"tiling": Tiling(tile=tile), "color_fix": color_fix})
     try:
         app = build_app(config, replicas=replicas, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
-    except (MordasrError, ImportError) as err:
+    except MordasrError as err:
         _fail(str(err))
     url = start(app, host, port, route, address)
     click.echo(f"mordasr-serve: {replicas} replica(s) of {bundle} on {url} (GET {url.rstrip('/')}/healthz); "
@@ -103,8 +109,7 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
 def start(app, host: str, port: int, route: str = "/", address: str | None = None,
           num_cpus: int | None = None) -> str:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy ``app``; returns its URL."""
-    import ray
-    from ray import serve
+    ray, serve = import_optional("ray", "mordasr-serve"), import_optional("ray.serve", "mordasr-serve")
 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
@@ -116,8 +121,7 @@ def start(app, host: str, port: int, route: str = "/", address: str | None = Non
 
 
 def shutdown() -> None:
-    import ray
-    from ray import serve
+    ray, serve = import_optional("ray", "mordasr-serve"), import_optional("ray.serve", "mordasr-serve")
 
     serve.shutdown()
     ray.shutdown()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mordasr.model.adapters import LoRAConv2d, LoRALinear, MoRConv2d, MoRLinear, RoutingContext
+from mordasr.model.adapters import LoRALayer, MoRLayer, RoutingContext
 from mordasr.model.adapters.mor import active_ranks
 
 D = 7
@@ -15,13 +15,13 @@ D = 7
 def _mor(base, **kw):
     args = dict(r_shared=2, r_routed=6, top_k=3, n_zero=2, num_scores=D, alpha=None)
     args.update(kw)
-    layer = (MoRConv2d if isinstance(base, nn.Conv2d) else MoRLinear)(base, routing=RoutingContext(), **args)
+    layer = MoRLayer(base, routing=RoutingContext(), **args)
     nn.init.normal_(layer.lora_B.weight, std=0.1)
     return layer.eval()
 
 
 def _lora(base, rank=8):
-    layer = (LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear)(base, rank, 4.0, RoutingContext())
+    layer = LoRALayer(base, rank, 4.0, RoutingContext())
     nn.init.normal_(layer.lora_B.weight, std=0.1)
     return layer.eval()
 
@@ -42,8 +42,7 @@ def test_merge_equals_gated_forward_and_unmerge_restores(kind, make):
     layer = make(base_fn())
     x = input_fn()
     scores = torch.rand(1, D)
-    layer.routing.scores = scores
-    with torch.no_grad():
+    with torch.no_grad(), layer.routing.scores_for(scores):
         gated = layer(x)
         original = layer.base_layer.weight.clone()
         layer.merge(layer.gate(scores)[0])
@@ -95,11 +94,11 @@ def test_zero_slot_choice_adds_no_rank():
     assert torch.equal(layer.delta_weight(gate[0]), layer.delta_weight(shared_only))
     # The forward pass matches base + shared ranks only.
     x = torch.randn(4, 12)
-    layer.routing.scores = scores
     a = layer.lora_A.weight[: layer.r_shared]
     b = layer.lora_B.weight[:, : layer.r_shared]
     expected = layer.base_layer(x) + (x @ a.T @ b.T) * layer.scaling
-    assert torch.allclose(layer(x), expected, atol=1e-6)
+    with layer.routing.scores_for(scores):
+        assert torch.allclose(layer(x), expected, atol=1e-6)
 
 
 def test_per_image_gates_in_one_batch():
@@ -107,11 +106,44 @@ def test_per_image_gates_in_one_batch():
     layer = _mor(nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(2, 4, 6, 6)
     scores = torch.rand(2, D)
-    layer.routing.scores = scores
-    together = layer(x)
+    with layer.routing.scores_for(scores):
+        together = layer(x)
     for i in range(2):
-        layer.routing.scores = scores[i:i + 1]
-        assert torch.allclose(layer(x[i:i + 1]), together[i:i + 1], atol=1e-6)
+        with layer.routing.scores_for(scores[i:i + 1]):
+            assert torch.allclose(layer(x[i:i + 1]), together[i:i + 1], atol=1e-6)
+
+
+def test_scores_belong_to_their_call_and_are_never_stale():
+    """Two threads route the same layer at once, each with its own scores; outside a call the
+    layer refuses to run rather than reuse the last call's scores."""
+    import threading
+
+    layer = _mor(nn.Linear(12, 12))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(1, 12)
+    scores = [torch.zeros(1, D), torch.ones(1, D)]
+    with torch.no_grad():
+        expected = []
+        for s in scores:
+            with layer.routing.scores_for(s):
+                expected.append(layer(x))
+    assert not torch.allclose(expected[0], expected[1])
+    barrier, found = threading.Barrier(2), {}
+
+    def call(i: int) -> None:
+        with torch.no_grad(), layer.routing.scores_for(scores[i]):
+            barrier.wait()  # both calls have set their scores before either runs
+            found[i] = layer(x)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.allclose(found[i], expected[i]) for i in range(2))
+    with pytest.raises(RuntimeError, match="no degradation scores for this call"):
+        layer(x)
 
 
 def test_lora_gate_is_all_ones_and_ignores_scores():

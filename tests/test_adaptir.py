@@ -158,7 +158,7 @@ def adaptir_bundle(adaptir_model, tmp_path_factory):
 
 
 def test_exported_graph_has_no_dft_and_passes_the_tensorrt_lint(adaptir_bundle):
-    from mordasr.export.lint import lint_graph_file
+    from mordasr.graphs.lint import lint_graph_file
     from mordasr.runtime import load_manifest
 
     manifest = load_manifest(adaptir_bundle)

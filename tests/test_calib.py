@@ -203,7 +203,7 @@ def test_int8_weight_packs_switch_buckets(int8_bundle):
                                                                           for b in (0, 1)}
     from safetensors.numpy import load_file
 
-    from mordasr.export.pack_writer import apply_pack
+    from mordasr.graphs.packs import apply_pack
 
     base = onnx.load(str(int8_bundle / "unet.b0.onnx"))
     own = onnx.load(str(int8_bundle / "unet.b1.onnx"))

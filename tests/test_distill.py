@@ -48,8 +48,8 @@ def ncnn_teacher(folder, bias: float = 0.1, truncated: bool = False):
 
 
 def _photos(n: int = 2, size: int = 96) -> list[Photo]:
+    from mordasr.data.samples import load_sample_image
     from mordasr.runtime.images import to_uint8
-    from mordasr.training.data import load_sample_image
 
     image = to_uint8(load_sample_image("astronaut"))
     return [Photo(f"p{i}", f"sha{i}", np.ascontiguousarray(image[i * size:(i + 1) * size, :size])) for i in range(n)]

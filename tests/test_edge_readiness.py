@@ -308,15 +308,14 @@ def test_concurrent_builds_into_one_cache_lose_no_index_entry(tmp_path):
 
 
 def test_cache_builds_use_the_options_the_exporter_recorded(folded_bundle):
-    from mordasr.runtime.backends.tensorrt import engine_options
-    from mordasr.runtime.trt_settings import EngineOptions
+    from mordasr.runtime.trt_settings import EngineOptions, recorded_engine_options
 
     recorded = EngineOptions("64", "128", "256", refittable=True, strongly_typed=True, workspace_mb=512,
                              optimization_level=5, tactic_dram_mb=700)
     manifest = replace(load_manifest(folded_bundle), engine_options=recorded.to_dict())
-    assert engine_options(manifest) == recorded
+    assert recorded_engine_options(manifest) == recorded
     older = replace(manifest, engine_options={}, device={"bucket_switch": "refit", "builder": {"workspace_mb": 900}})
-    derived = engine_options(older)  # a bundle from before the record: its profile and device caps
+    derived = recorded_engine_options(older)  # a bundle from before the record: its profile and device caps
     assert (derived.max_size, derived.refittable, derived.workspace_mb) == ("512x512", True, 900)
 
 

@@ -55,11 +55,11 @@ def test_gated_graphs_match_pytorch(tiny_model, gated_bundle):
     with torch.no_grad():
         _check("router", _run(gated_bundle, "router.onnx", {"image": x["router_image"]}),
                m.estimator(x["router_image"]))
-        m.routing.scores = x["scores"]
-        _check("encoder", _run(gated_bundle, "encoder.onnx", {"image": x["image_lr"], "scores": x["scores"]}),
-               m.encode(x["image_lr"]))
-        _check("unet", _run(gated_bundle, "unet.onnx", {"latent": x["latent"], "scores": x["scores"]}),
-               m.denoise(x["latent"]))
+        with m.routing.scores_for(x["scores"]):
+            _check("encoder", _run(gated_bundle, "encoder.onnx", {"image": x["image_lr"], "scores": x["scores"]}),
+                   m.encode(x["image_lr"]))
+            _check("unet", _run(gated_bundle, "unet.onnx", {"latent": x["latent"], "scores": x["scores"]}),
+                   m.denoise(x["latent"]))
         _check("decoder", _run(gated_bundle, "decoder.onnx", {"latent": x["latent"]}), m.decode(x["latent"]))
 
 
@@ -74,9 +74,9 @@ def test_folded_graphs_match_pytorch(tiny_model, tiny_buckets, folded_bundle):
             _check("unet", _run(folded_bundle, f"unet.b{bucket.index}.onnx", {"latent": x["latent"]}),
                    folded.denoise(x["latent"]))
             # ... and the folded graph equals the gated model routed by the bucket centre.
-            tiny_model.routing.scores = centre[None].expand(2, -1)
-            _check("unet", _run(folded_bundle, f"unet.b{bucket.index}.onnx", {"latent": x["latent"]}),
-                   tiny_model.denoise(x["latent"]))
+            with tiny_model.routing.scores_for(centre[None].expand(2, -1)):
+                _check("unet", _run(folded_bundle, f"unet.b{bucket.index}.onnx", {"latent": x["latent"]}),
+                       tiny_model.denoise(x["latent"]))
 
 
 def test_graphs_are_clean_and_checked(folded_bundle, gated_bundle):

@@ -17,15 +17,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from mordasr.errors import CheckpointError, MordasrError
-from mordasr.training.paper_config import load_fit_config
-from mordasr.training.realesrgan import (
+from mordasr.data.realesrgan import (
     RealESRGANConfig,
     anisotropic_kernel,
     degrade_realesrgan,
     random_kernel,
     sinc_kernel,
 )
+from mordasr.errors import CheckpointError, MordasrError
+from mordasr.training.paper_config import load_fit_config
 
 FAST = ["run.steps=4", "run.eval_every=2", "run.checkpoint_every=2", "run.log_every=1", "data.batch=2",
         "data.crop=32", "data.val_images=2", "optim.lr=1e-3"]
@@ -74,7 +74,7 @@ def _png(path: Path, size=(40, 40), seed=0) -> Path:
 
 
 def test_hr_folder_is_recursive_and_skips_bad_files(tmp_path, caplog):
-    from mordasr.training.datasets import HRFolder
+    from mordasr.data.folders import HRFolder
 
     _png(tmp_path / "a.png")
     _png(tmp_path / "nested" / "deeper" / "b.png", seed=1)
@@ -92,7 +92,7 @@ def test_hr_folder_is_recursive_and_skips_bad_files(tmp_path, caplog):
 
 
 def test_paired_folders_in_realsr_and_drealsr_layouts(tmp_path):
-    from mordasr.training.datasets import PairedFolder
+    from mordasr.data.folders import PairedFolder
 
     _png(tmp_path / "realsr" / "Canon_001_HR.png", (64, 48))
     _png(tmp_path / "realsr" / "Canon_001_LR4.png", (16, 12))
@@ -151,8 +151,8 @@ def test_yaml_toml_and_overrides(tmp_path):
     b = load_fit_config(tmp_path / "b.toml")
     assert b.run.steps == 9 and b.gan.loss == "non-saturating"
     (tmp_path / "bad.yaml").write_text("loss:\n  vsdd: 1\n")
-    cases = [((tmp_path / "bad.yaml", ()), "unknown config key 'loss.vsdd'"),
-             ((None, ["optim.lrr=1"]), "unknown config key 'optim.lrr'"),
+    cases = [((tmp_path / "bad.yaml", ()), "config: unknown key 'loss.vsdd'"),
+             ((None, ["optim.lrr=1"]), "config: unknown key 'optim.lrr'"),
              ((None, ["run.ablation=sparse"]), "run.ablation must be one of"),
              ((None, ["nonsense"]), "expected KEY=VALUE"),
              ((tmp_path / "missing.yaml", ()), "does not exist")]

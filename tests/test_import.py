@@ -140,7 +140,7 @@ def osediff_case(sd, tmp_path_factory):
 
 def run_import(args: list[str], sd) -> object:
     folder, clip = sd
-    return CliRunner().invoke(import_cli, [*args, "--sd21", str(folder), "--clip-weights", str(clip),
+    return CliRunner().invoke(import_cli, [*args, "--sd-weights", str(folder), "--clip-weights", str(clip),
                                            "--clip-model-name", CLIP_NAME, "-q"])
 
 
@@ -321,7 +321,7 @@ def test_import_cli_as_a_subprocess(osediff_case, sd, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     args = [sys.executable, "-m", "mordasr.model.importers.cli"]
     assert "baked" in subprocess.run([*args, "--help"], capture_output=True, text=True, env=env).stdout
-    done = subprocess.run([*args, "osediff", str(path), "--sd21", str(folder), "--clip-weights", str(clip),
+    done = subprocess.run([*args, "osediff", str(path), "--sd-weights", str(folder), "--clip-weights", str(clip),
                            "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     # the open_clip test architecture is registered in this process only: the subprocess names the
     # default one and is refused on the checkpoint's shapes, cleanly
@@ -337,7 +337,7 @@ def test_import_cli_as_a_subprocess(osediff_case, sd, tmp_path):
                            "downloaded here")
 def test_real_osediff_import_end_to_end(tmp_path):
     sd_dir, ckpt, clip = (os.environ[k] for k in ("MORDASR_SD21_DIR", "MORDASR_OSEDIFF_CKPT", "MORDASR_CLIP_CKPT"))
-    result = CliRunner().invoke(import_cli, ["osediff", ckpt, "--sd21", sd_dir, "--clip-weights", clip,
+    result = CliRunner().invoke(import_cli, ["osediff", ckpt, "--sd-weights", sd_dir, "--clip-weights", clip,
                                              "-o", str(tmp_path / "ckpt")])
     assert result.exit_code == 0, result.output
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (the reference below loads them)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mordasr.errors import CheckpointError
 from mordasr.model import ModelConfig, OneStepSR, preset_config
-from mordasr.model.adapters import AdapterLayer, MoRLinear, RoutingContext
+from mordasr.model.adapters import AdapterLayer, MoRLayer, RoutingContext
 from mordasr.model.estimator import DegradationEstimator, text_embeddings_from_clip
 from mordasr.model.inject import adapter_layers, fold_adapters, inject_adapters
 from mordasr.model.io import load_checkpoint, save_checkpoint
@@ -58,8 +58,8 @@ def test_folded_equals_gated_for_any_scores(scores):
     x_lr = torch.rand(1, 3, 12, 12, generator=g)
     z = torch.randn(1, model.config.latent_channels, 12, 12, generator=g)
     with torch.no_grad():
-        model.routing.scores = s
-        gated_enc, gated_unet = model.encode(x_lr), model.denoise(z)
+        with model.routing.scores_for(s):
+            gated_enc, gated_unet = model.encode(x_lr), model.denoise(z)
         folded_enc, folded_unet = folded.encode(x_lr), folded.denoise(z)
     assert (gated_enc - folded_enc).abs().max().item() <= 1e-5
     assert (gated_unet - folded_unet).abs().max().item() <= 1e-5
@@ -117,7 +117,7 @@ def test_text_embeddings_computed_once_from_open_clip():
 
 
 def test_load_balance_loss_charges_zero_slots_by_severity():
-    layer = MoRLinear(torch.nn.Linear(4, 4), r_shared=1, r_routed=2, top_k=1, n_zero=2, num_scores=7,
+    layer = MoRLayer(torch.nn.Linear(4, 4), r_shared=1, r_routed=2, top_k=1, n_zero=2, num_scores=7,
                       alpha=None, routing=RoutingContext())
     layer.train()
     # Deterministic routing: every image to zero slot 0 (index 2).
@@ -135,7 +135,7 @@ def test_load_balance_loss_charges_zero_slots_by_severity():
 
 
 def test_load_balance_loss_is_minimal_for_uniform_routing():
-    layer = MoRLinear(torch.nn.Linear(4, 4), r_shared=1, r_routed=4, top_k=1, n_zero=0, num_scores=7,
+    layer = MoRLayer(torch.nn.Linear(4, 4), r_shared=1, r_routed=4, top_k=1, n_zero=0, num_scores=7,
                       alpha=None, routing=RoutingContext())
     layer.train()
     with torch.no_grad():

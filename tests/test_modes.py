@@ -17,7 +17,7 @@ from mordasr.errors import BundleError, MordasrError
 from mordasr.export.buckets import grid_buckets
 from mordasr.export.bundle import check_mode, export_bundle
 from mordasr.export.graphs import example_inputs
-from mordasr.export.pack_writer import apply_pack, differing_tensors
+from mordasr.graphs.packs import apply_pack, differing_tensors
 from mordasr.model.adapters import MoRLayer
 from mordasr.model.inject import adapter_layers, fold_adapters, hybrid_adapters
 from mordasr.runtime import Restorer, load_manifest
@@ -45,8 +45,7 @@ def test_split_shared_keeps_every_layer_output(tiny_model):
         assert isinstance(routed, MoRLayer) and routed.rank == layer.r_routed and routed.r_shared == 0
         shape = (3, layer.base_layer.in_channels, 6, 6) if layer.is_conv else (3, 5, layer.base_layer.in_features)
         x = torch.randn(shape)
-        layer.routing.scores = scores
-        with torch.no_grad():
+        with torch.no_grad(), layer.routing.scores_for(scores):
             assert torch.allclose(layer(x), routed(x), atol=1e-5)
     assert layer.base_layer.weight is not routed.base_layer.weight  # the original is untouched
 

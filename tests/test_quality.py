@@ -21,7 +21,6 @@ import sys
 import pytest
 
 from mordasr import metrics
-from mordasr.benchmarks.evaluate import bicubic_upsample
 from mordasr.benchmarks.recipes import RECIPES, mod_crop
 
 # Margins this test holds the shipped base to, in dB of Y-PSNR over bicubic on the held-out crop
@@ -44,7 +43,7 @@ def shipped_base():
 
 @pytest.fixture(scope="module")
 def heldout_photo():
-    from mordasr.training.data import HELDOUT_IMAGES, load_sample_image
+    from mordasr.data.samples import HELDOUT_IMAGES, load_sample_image
 
     assert "astronaut" in HELDOUT_IMAGES  # never among the base's training photographs
     photo = load_sample_image("astronaut")
@@ -59,7 +58,7 @@ def test_shipped_base_beats_bicubic_on_a_heldout_photo(shipped_base, heldout_pho
     with torch.no_grad():
         out = shipped_base(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy().transpose(1, 2, 0)
     restored = metrics.score(out, heldout_photo, border=4)
-    bicubic = metrics.score(bicubic_upsample(lr), heldout_photo, border=4)
+    bicubic = metrics.score(metrics.bicubic_upsample(lr, 4), heldout_photo, border=4)
     gain = restored["psnr_y"] - bicubic["psnr_y"]
     print(f"\n{recipe}: base {restored['psnr_y']:.2f} dB, bicubic {bicubic['psnr_y']:.2f} dB, gain {gain:+.2f} dB, "
           f"SSIM {restored['ssim_y']:.4f} vs {bicubic['ssim_y']:.4f}, colour shift {restored['colour_shift']:.2f}")
@@ -86,8 +85,8 @@ MIN_ESTIMATOR_R = {"blur": 0.60, "noise": 0.70, "compression": 0.80}
 
 
 def test_shipped_estimator_tracks_the_true_degradation_strengths(shipped_base):
-    from mordasr.training.data import sample_images
-    from mordasr.training.synthetic import estimator_correlations
+    from mordasr.data.samples import sample_images
+    from mordasr.training.common import estimator_correlations
 
     found = estimator_correlations(shipped_base, sample_images("heldout"), crops_per_image=48, crop=256, seed=7)
     measured = {dim: found[dim]["pearson"] for dim in MIN_ESTIMATOR_R}

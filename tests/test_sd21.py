@@ -69,12 +69,12 @@ def test_sd21_full_size_export_and_fp16(tmp_path):
     import numpy as np
 
     from mordasr.calib.precision_bundle import build_precision_bundle
+    from mordasr.data.degradations import Degradation, degrade
+    from mordasr.data.samples import load_sample_image
     from mordasr.export.buckets import grid_buckets
     from mordasr.export.bundle import export_bundle
-    from mordasr.export.lint import lint_graph_file
+    from mordasr.graphs.lint import lint_graph_file
     from mordasr.runtime import Restorer, load_manifest
-    from mordasr.training.data import load_sample_image
-    from mordasr.training.synthetic import Degradation, degrade
 
     real = os.environ.get("MORDASR_SD21_DIR"), os.environ.get("MORDASR_CLIP_CKPT")
     model = (build_sd21(*real) if all(real) else build_sd21(random_weights=True)).eval()

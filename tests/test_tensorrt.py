@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mordasr.errors import BundleError, MordasrError
 from mordasr.export.engine_script import write_engine_scripts
-from mordasr.export.lint import check_bundle_graphs, lint_graph_file, lint_model, op_table
+from mordasr.graphs.lint import check_bundle_graphs, lint_graph_file, lint_model, op_table
 from mordasr.lazy import has_module
 from mordasr.runtime import load_manifest
 from mordasr.runtime.backends.onnxruntime import provider_chain

@@ -78,7 +78,7 @@ def _copy(bundle, tmp_path, name="b"):
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     """An LR photograph: scikit-image's held-out astronaut, degraded and cropped."""
-    from mordasr.training.data import load_sample_image
+    from mordasr.data.samples import load_sample_image
 
     image = load_sample_image("astronaut")[::2, ::2]
     y, x = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2

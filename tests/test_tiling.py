@@ -145,7 +145,7 @@ def test_tiled_restore_matches_untiled(base_bundle):
     """An image 4x the tile side, tiled vs in one piece. The tiny UNet has self-attention over
     the whole latent, so tiles see less context and the agreement is close, not exact. Stated
     tolerance (measured 31 dB): PSNR(tiled, untiled) above 28 dB, and no visible seam."""
-    from mordasr.training.data import load_sample_image
+    from mordasr.data.samples import load_sample_image
 
     image = np.ascontiguousarray(load_sample_image("astronaut")[::4, ::4][:128, :128], dtype=np.float32)
     restorer = Restorer(base_bundle)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mordasr.data.degradations import Degradation, degrade, degraded_batch, mixed_degraded_batch, target_scores
+from mordasr.data.samples import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
 from mordasr.model.io import load_checkpoint, tiny_base_path
 from mordasr.tests.conftest import make_tiny_model
 from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
@@ -18,8 +20,6 @@ from mordasr.training.base_config import BaseTrainingConfig
 from mordasr.training.base_trainer import train_base
 from mordasr.training.cli import main as train_main
 from mordasr.training.common import model_device, resolve_device
-from mordasr.training.data import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
-from mordasr.training.synthetic import Degradation, degrade, degraded_batch, mixed_degraded_batch, target_scores
 
 
 def test_sample_images_ship_with_the_package_and_splits_are_disjoint():
@@ -64,7 +64,7 @@ def test_target_scores_follow_severity():
 
 def test_mixed_batch_kinds_draw_the_stated_degradations(monkeypatch):
     """Clean: none; synthetic: each factor present or not; compound: blur, noise and JPEG in every draw."""
-    import mordasr.training.synthetic as synthetic
+    import mordasr.data.degradations as synthetic
 
     drawn = []
     real_degrade = synthetic.degrade
@@ -131,7 +131,7 @@ def test_train_cli_adapters_and_errors(tmp_path):
     result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--base", str(out)])
     assert result.exit_code == 2 and "holds lora adapters, not mor" in result.stderr
     result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "y"), "--base", str(tmp_path)])
-    assert result.exit_code == 2 and "not a mordasr checkpoint" in result.stderr
+    assert result.exit_code == 2 and "neither a shipped base (tiny, esrgan-student) nor a checkpoint" in result.stderr
 
 
 def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):

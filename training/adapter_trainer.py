@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mordasr.data.degradations import degraded_batch, mixed_degraded_batch, random_degradation
+from mordasr.data.samples import CropSampler, sample_images, training_images
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR
 from mordasr.model.io import save_checkpoint
 from mordasr.model.losses import clear_routing, load_balance_loss
 from mordasr.training.common import nchw, seed_everything
-from mordasr.training.data import CropSampler, sample_images, training_images
-from mordasr.training.synthetic import degraded_batch, mixed_degraded_batch, random_degradation
 
 log = logging.getLogger(__name__)
 

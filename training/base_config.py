@@ -41,6 +41,6 @@ class BaseTrainingConfig:
 
     def degradation_mix(self) -> tuple[tuple[str, float], ...]:
         """``sr_mix`` as ((kind, probability), ...), normalised to sum to 1."""
-        from mordasr.training.synthetic import parse_mix
+        from mordasr.data.degradations import parse_mix
 
         return parse_mix(self.sr_mix, "sr_mix")

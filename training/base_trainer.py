@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mordasr.data.degradations import Degradation, degraded_batch, mixed_degraded_batch
+from mordasr.data.samples import CropSampler, sample_images, training_images
 from mordasr.errors import MordasrError
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
-from mordasr.training.common import model_device, nchw, resolve_device, seed_everything
-from mordasr.training.data import CropSampler, sample_images, training_images
+from mordasr.training.common import estimator_correlations, model_device, nchw, resolve_device, seed_everything
 from mordasr.training.ema import WeightEMA
-from mordasr.training.synthetic import Degradation, degraded_batch, estimator_correlations, mixed_degraded_batch
 
 log = logging.getLogger(__name__)
 

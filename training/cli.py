@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 
 from mordasr.cli_errors import failer
 from mordasr.errors import MordasrError
+from mordasr.runtime.cli_options import parse_list, verbosity
 from mordasr.training.base_config import BaseTrainingConfig
 
 _fail = failer("mordasr-train")
@@ -17,9 +17,8 @@ _fail = failer("mordasr-train")
 _BASE_DEFAULTS = BaseTrainingConfig()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log each evaluation and stage.")
-def main(verbose: bool) -> None:
+@click.group("mordasr-train", context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
     """Train MoR-DASR.
 
     \b
@@ -30,8 +29,6 @@ def main(verbose: bool) -> None:
     mordasr-train distill    distil a teacher (Real-ESRGAN x4plus, an ONNX model, a bundle) into a base
     mordasr-train average    the weighted mean of base checkpoints trained from one start
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
@@ -67,7 +64,7 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's choice].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@verbosity
 def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
              clip_weights: Path | None, random_weights: bool, adapter: str, steps: int, batch: int,
              crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, seed: int,
@@ -123,7 +120,7 @@ def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
                    "continue later with --resume.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's choice].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@verbosity
 def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume: bool, stop_after: int | None,
         threads: int | None, quiet: bool) -> None:
     """Train adapters at paper fidelity: Real-ESRGAN second-order degradations of HR crops,
@@ -208,7 +205,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where to train: auto takes the GPU when PyTorch sees one. A run resumes on any device.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@verbosity
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
          crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, ema: float, stages: str,
          start_from: Path | None, unet_channels: str | None, unet_layers: int | None,
@@ -232,9 +229,8 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
                              recon_weight=recon_weight, latent_weight=latent_weight, ema=ema,
                              checkpoint_every=checkpoint_every, seed=seed)
     try:
-        channels = None if unet_channels is None else tuple(
-            _number(c, "--unet-channels", int) for c in unet_channels.split(","))
-        path = train_base(out, cfg, quiet=quiet, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+        channels = None if unet_channels is None else parse_list(unet_channels, "--unet-channels", int)
+        path = train_base(out, cfg, quiet=quiet, stages=parse_list(stages, "--stages"),
                           start_from=start_from, device=device, unet_channels=channels, unet_layers=unet_layers)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
@@ -291,7 +287,7 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
 @click.option("--cache-only", is_flag=True, help="Fill the teacher cache and stop (e.g. on a faster machine).")
 @click.option("--measure-speed", is_flag=True,
               help="Print training steps per second in bf16 and fp32 for these settings and stop (no teacher).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@verbosity
 def distill(out: Path | None, teacher: str, start: str, data: Path | None, cache: Path | None, samples: int,
             sample_crop: int, held_out: int, mix: str, steps: int, batch: int, crop: int, lr: float,
             hr_weight: float, precision: str, ema: float, unet_channels: str | None, unet_layers: int | None,
@@ -315,8 +311,7 @@ def distill(out: Path | None, teacher: str, start: str, data: Path | None, cache
     from mordasr.training.distill import distill as run_distill
 
     try:
-        channels = None if unet_channels is None else tuple(
-            int(_number(c, "--unet-channels", int)) for c in unet_channels.split(","))
+        channels = None if unet_channels is None else parse_list(unet_channels, "--unet-channels", int)
         cfg = DistillConfig(teacher=teacher, start=start, data=str(data) if data else None,
                             cache=str(cache) if cache else None, samples=samples, sample_crop=sample_crop,
                             held_out=held_out, mix=mix, steps=steps, batch=batch, crop=crop, lr=lr,
@@ -340,21 +335,13 @@ def distill(out: Path | None, teacher: str, start: str, data: Path | None, cache
     click.echo(f"wrote {path} ({(path / 'model.safetensors').stat().st_size / 1e6:.1f} MB of weights)")
 
 
-def _number(text: str, option: str, kind: type[float] | type[int] = float) -> float:
-    """One item of a comma-separated option, as ``kind``; a ValueError naming the option otherwise."""
-    try:
-        return kind(text)
-    except ValueError:
-        expected = "a whole number (give a comma-separated list of whole numbers)" if kind is int else "a number"
-        raise ValueError(f"{option}: {text.strip()!r} is not {expected}") from None
-
-
 @main.command()
 @click.argument("checkpoints", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Folder for the averaged base.")
 @click.option("--weights", default=None, metavar="W1,W2,...",
               help="One positive weight per checkpoint, in order [default: equal].")
+@verbosity
 def average(checkpoints: tuple[Path, ...], out: Path, weights: str | None) -> None:
     """Average the weights of base checkpoints fine-tuned from one start (a "model soup").
 
@@ -369,7 +356,7 @@ def average(checkpoints: tuple[Path, ...], out: Path, weights: str | None) -> No
     from mordasr.training.average import average_checkpoints
 
     try:
-        parsed = None if weights is None else [_number(w, "--weights") for w in weights.split(",")]
+        parsed = None if weights is None else list(parse_list(weights, "--weights", float))
         path = average_checkpoints(checkpoints, out, parsed)
     except (MordasrError, ValueError) as err:
         _fail(str(err))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mordasr.data.degradations import parse_mix
 from mordasr.errors import MordasrError
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR, preset_config
@@ -34,7 +35,6 @@ from mordasr.model.io import base_path, load_checkpoint, save_checkpoint
 from mordasr.runtime.manifest import sha256_file
 from mordasr.training.base_trainer import _fit, identity_start, train_estimator, unet_shape, with_unet_shape
 from mordasr.training.common import model_device, nchw, seed_everything
-from mordasr.training.synthetic import parse_mix
 from mordasr.training.teacher_cache import Photo, TeacherCache, plan_samples
 from mordasr.training.teachers import Teacher, TeacherError, load_teacher
 
@@ -89,13 +89,13 @@ def load_photos(folder: str | None) -> list[Photo]:
     from mordasr.runtime.images import to_uint8
 
     if folder is None:
-        from mordasr.training.data import TRAIN_IMAGES, load_sample_image
+        from mordasr.data.samples import TRAIN_IMAGES, load_sample_image
 
         pixels = [to_uint8(load_sample_image(n)) for n in TRAIN_IMAGES]
         return [Photo(f"skimage:{n}", _array_hash(p), p) for n, p in zip(TRAIN_IMAGES, pixels)]
+    from mordasr.data.folders import image_files
     from mordasr.errors import ImageError
     from mordasr.runtime.images import read_image
-    from mordasr.training.datasets import image_files
 
     photos = []
     files = image_files(folder)

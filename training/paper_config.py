@@ -7,18 +7,16 @@ resolved configuration is written into every run folder (``config.resolved.yaml`
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mordasr.data.realesrgan import RealESRGANConfig
 from mordasr.errors import MordasrError
-from mordasr.training.realesrgan import RealESRGANConfig
+from mordasr.records import from_dict
 from mordasr.training.vsd import VSDConfig
 
 ABLATIONS = ("mor", "dense-lora", "lora-moe", "mor-no-zero", "mor-std-balance")
@@ -27,7 +25,8 @@ ABLATIONS = ("mor", "dense-lora", "lora-moe", "mor-no-zero", "mor-std-balance")
 @dataclass
 class RunConfig:
     preset: str = "tiny"
-    base: str | None = None  # base checkpoint; tiny: the shipped base; sd21: --sd-weights folder
+    base: str = "tiny"  # tiny: a shipped base's name (tiny, esrgan-student) or a base checkpoint folder
+    sd_weights: str | None = None  # sd21: local diffusers folder (vae/, unet/, text_encoder/, tokenizer/)
     clip_weights: str | None = None  # sd21: local open_clip checkpoint
     random_weights: bool = False  # sd21 without weights (speed runs only)
     adapter: str = "mor"  # mor | lora | adaptir
@@ -128,63 +127,6 @@ def _plain(value):
     return value
 
 
-def _coerce(hint, value, path: str):
-    """Numbers written as strings (YAML reads ``1e-3`` as text) become the field's type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        return None
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise MordasrError(f"config key {path!r} takes a list, got {value!r}")
-        element = args[0] if args else Any
-        return tuple(_coerce(element, v, path) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        return _coerce(options[0], value, path) if len(options) == 1 else value
-    if hint is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise MordasrError(f"config key {path!r} takes a number, got {value!r}") from None
-    if hint is int and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not number.is_integer():
-            raise MordasrError(f"config key {path!r} takes an integer, got {value!r}")
-        return int(number)
-    if hint is bool and not isinstance(value, bool):
-        raise MordasrError(f"config key {path!r} takes true or false, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise MordasrError(f"config key {path!r} takes text, got {value!r}")
-    return value
-
-
-def _build(cls, data: Any, where: str):
-    """A dataclass from nested dicts; unknown keys name their dotted path."""
-    if not isinstance(data, dict):
-        raise MordasrError(f"{where or 'config'}: expected a table of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        path = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise MordasrError(f"unknown config key {path!r} (known here: {', '.join(sorted(known))})")
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        path = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, path)
-        else:
-            values[name] = _coerce(hint, value, path)
-    defaults = cls()
-    for name in known - set(values):
-        values[name] = getattr(defaults, name)
-    return cls(**values)
-
-
 def _set(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -216,7 +158,7 @@ def load_fit_config(path: str | Path | None = None, overrides: list[str] | tuple
         if not sep or not key.strip():
             raise MordasrError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.vsd=0.5")
         _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    config = _build(FitConfig, tree, "")
+    config = from_dict(FitConfig, tree, "config", coerce=True)
     config.validate()
     return config
 

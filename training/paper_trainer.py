@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mordasr.data.realesrgan import degrade_realesrgan
 from mordasr.errors import MordasrError
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR
@@ -36,7 +37,6 @@ from mordasr.training.ema import WeightEMA
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
 from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.perceptual import perceptual_loss, ssim
-from mordasr.training.realesrgan import degrade_realesrgan
 from mordasr.training.vsd import VSDRegularizer
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,14 @@ class GeneratorStep(nn.Module):
 
     def forward(self, lr: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
-        m.routing.scores = scores
-        z_l = m.encode(lr)
-        z_h = m.schedule.x0(z_l, m.denoise(z_l))
+        with m.routing.scores_for(scores):
+            z_l = m.encode(lr)
+            z_h = m.schedule.x0(z_l, m.denoise(z_l))
         return m.decode(z_h), z_h
 
 
 def build_model(cfg: FitConfig) -> tuple[OneStepSR, bool, dict]:
-    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint
 
     r = cfg.run
     torch.manual_seed(r.seed)  # every rank makes the same adapters
@@ -112,10 +112,10 @@ def build_model(cfg: FitConfig) -> tuple[OneStepSR, bool, dict]:
         from mordasr.model.sd21 import build_sd21
 
         kind, changes, aware = ablation_settings(r.ablation, r.adapter, preset_config("sd21").adapter.r_routed)
-        model = build_sd21(r.base, r.clip_weights, random_weights=r.random_weights, adapter=kind,
+        model = build_sd21(r.sd_weights, r.clip_weights, random_weights=r.random_weights, adapter=kind,
                            adapter_overrides=changes)
         return model, aware, {"random_weights": r.random_weights}
-    model, meta = load_checkpoint(r.base or tiny_base_path(), add_adapters=False)
+    model, meta = load_checkpoint(base_path(r.base), add_adapters=False)
     if model.has_adapters:
         raise MordasrError(f"{r.base} already holds adapters; start from a base checkpoint")
     if model.config.preset != r.preset:
@@ -200,12 +200,12 @@ class FitTrainer:
 
     # -- data ------------------------------------------------------------------------------------
     def _data(self, cfg: FitConfig) -> None:
-        from mordasr.training.data import CropSampler, sample_images
+        from mordasr.data.samples import CropSampler, sample_images
 
         seed = cfg.run.seed + 1000 * self.dist.rank  # each rank its own crops and degradations
         d = cfg.data
         if d.train_dir:
-            from mordasr.training.datasets import HRFolder
+            from mordasr.data.folders import HRFolder
 
             self.train = HRFolder(d.train_dir, d.crop, seed)
             self.skipped = len(self.train.skipped)
@@ -215,7 +215,7 @@ class FitTrainer:
         self.degrade_rng = np.random.default_rng(seed + 1)
         self.torch_gen = torch.Generator().manual_seed(seed + 2)
         if d.val_dir:
-            from mordasr.training.datasets import PairedFolder
+            from mordasr.data.folders import PairedFolder
 
             pairs = PairedFolder(d.val_dir, self.scale, limit=d.val_images).pairs
             self.val = [(nchw(lr[None]), nchw(hr[None])) for _, lr, hr in pairs]

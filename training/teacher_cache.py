@@ -54,7 +54,7 @@ class Sample:
     y: int  # top-left of the HR crop
     x: int
     crop: int  # HR crop side
-    kind: str  # degradation kind (training/synthetic.py: clean, synthetic, compound, realesrgan)
+    kind: str  # degradation kind (mordasr/data/degradations.py: clean, synthetic, compound, realesrgan)
     seed: int  # the degradation's own seed
 
     def key(self, teacher_fingerprint: str, photo_sha256: str, scale: int) -> str:
@@ -84,7 +84,7 @@ def plan_samples(photos: Sequence[Photo], count: int, crop: int, mix: tuple[tupl
 
 def degrade_sample(photo: Photo, sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """(LR uint8, HR uint8) for one sample: the HR crop degraded by its kind under its own seed."""
-    from mordasr.training.synthetic import mixed_degraded_batch
+    from mordasr.data.degradations import mixed_degraded_batch
 
     hr = as_float(photo.pixels[sample.y:sample.y + sample.crop, sample.x:sample.x + sample.crop])
     lr = mixed_degraded_batch(hr[None], scale, np.random.default_rng(sample.seed), ((sample.kind, 1.0),))[0]

@@ -67,8 +67,8 @@ class VSDRegularizer(nn.Module):
         return t, noise, a, a.sqrt() * z + (1 - a).sqrt() * noise
 
     def _eps(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        self.routing.scores = torch.zeros(x_t.shape[0], self.num_scores, device=x_t.device, dtype=x_t.dtype)
-        return unet(x_t, t, encoder_hidden_states=text.expand(x_t.shape[0], -1, -1)).sample
+        with self.routing.scores_for(torch.zeros(x_t.shape[0], self.num_scores, device=x_t.device, dtype=x_t.dtype)):
+            return unet(x_t, t, encoder_hidden_states=text.expand(x_t.shape[0], -1, -1)).sample
 
     def generator_loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """L_VSD for the generator's latents ``z`` (gradients flow into ``z`` only)."""

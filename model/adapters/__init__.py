@@ -2,7 +2,7 @@
 ``merge(gate)``, ``unmerge()``, ``forward(x)`` (peft's LoRA layer style)."""
 
 from mordasr.model.adapters.base import AdapterLayer, RoutingContext
-from mordasr.model.adapters.lora import LoRAConv2d, LoRALinear
-from mordasr.model.adapters.mor import MoRConv2d, MoRLayer, MoRLinear
+from mordasr.model.adapters.lora import LoRALayer
+from mordasr.model.adapters.mor import MoRLayer
 
-__all__ = ["AdapterLayer", "LoRAConv2d", "LoRALinear", "MoRConv2d", "MoRLayer", "MoRLinear", "RoutingContext"]
+__all__ = ["AdapterLayer", "LoRALayer", "MoRLayer", "RoutingContext"]

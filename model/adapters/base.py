@@ -8,22 +8,43 @@ per-image degradation scores. Because the gates depend on the image's scores and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
 class RoutingContext:
-    """Holds the degradation scores (N, D) of the batch being processed.
+    """How one call's degradation scores (N, D) reach the adapter layers of a model.
 
-    One instance is shared by every adapter layer of a model: the model sets ``scores`` before
-    running a component, and each layer reads it to compute its gates. Diffusers modules pass
-    no extra arguments to their sub-layers, so this is how the scores reach them.
+    Diffusers modules pass no extra arguments to their sub-layers, so the scores travel with the
+    call instead: ``with routing.scores_for(scores): model.encode(x)`` makes them visible to every
+    adapter layer of that model for the duration of the block, in that thread (or task) only. Two
+    calls in flight at once -- threads of a server, a test beside another -- never see each
+    other's scores, and a layer run outside any such block fails instead of reusing stale ones.
     """
 
     def __init__(self) -> None:
-        self.scores: torch.Tensor | None = None
+        self._scores: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("scores", default=None)
+
+    @contextlib.contextmanager
+    def scores_for(self, scores: torch.Tensor) -> Iterator[None]:
+        token = self._scores.set(scores)
+        try:
+            yield
+        finally:
+            self._scores.reset(token)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        scores = self._scores.get()
+        if scores is None:
+            raise RuntimeError("no degradation scores for this call: run the adapted model inside "
+                               "routing.scores_for(scores) (OneStepSR.forward does)")
+        return scores
 
 
 class AdapterLayer(nn.Module):
@@ -61,8 +82,6 @@ class AdapterLayer(nn.Module):
 
     def current_gate(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         scores = self.routing.scores
-        if scores is None:
-            raise RuntimeError("no degradation scores set on the routing context")
         if scores.shape[0] != batch:
             scores = scores.expand(batch, -1)
         return self.gate(scores.to(like.dtype))

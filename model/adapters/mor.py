@@ -87,14 +87,6 @@ class MoRLayer(AdapterLayer):
                 f"top_k={self.top_k}, n_zero={self.n_zero}, scaling={self.scaling:g}")
 
 
-class MoRLinear(MoRLayer):
-    """Mixture of Ranks on an ``nn.Linear``."""
-
-
-class MoRConv2d(MoRLayer):
-    """Mixture of Ranks on an ``nn.Conv2d``."""
-
-
 def active_ranks(gate: torch.Tensor) -> torch.Tensor:
     """Number of ranks that spend compute for each gate vector (..., rank)."""
     return (gate != 0).sum(dim=-1)

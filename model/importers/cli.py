@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from mordasr.cli_errors import fail_on_errors, failer
+from mordasr.runtime.cli_options import verbosity
 
 _fail = failer("mordasr-import")
 
@@ -21,7 +21,8 @@ def _common(command):
     options = [
         click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
                      help="mordasr checkpoint folder to write (config.json, model.safetensors)."),
-        click.option("--sd21", "sd_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+        click.option("--sd-weights", "sd_dir", required=True,
+                     type=click.Path(path_type=Path, exists=True, file_okay=False),
                      help="Local diffusers folder of the base the LoRA was trained on (SD 2.1-base or "
                           "SD-Turbo: vae/, unet/, text_encoder/, tokenizer/)."),
         click.option("--clip-weights", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -32,21 +33,19 @@ def _common(command):
         click.option("--prompt", default="", show_default=True,
                      help="Text whose embedding is baked into the UNet (see below)."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
-        click.option("-q", "--quiet", is_flag=True, help="Print nothing on success."),
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return verbosity(command)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log what is read.")
-def main(verbose: bool) -> None:
+@click.group("mordasr-import", context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
     """Import a one-step SR model trained elsewhere, so it deploys without retraining.
 
     \b
-    mordasr-import osediff CKPT.pkl --sd21 SD_DIR --clip-weights CLIP.bin -o runs/osediff
-    mordasr-import peft UNET_LORA_DIR [VAE_LORA_DIR] --sd21 SD_DIR --clip-weights CLIP.bin -o runs/mine
+    mordasr-import osediff CKPT.pkl --sd-weights SD_DIR --clip-weights CLIP.bin -o runs/osediff
+    mordasr-import peft UNET_LORA_DIR [VAE_LORA_DIR] --sd-weights SD_DIR --clip-weights CLIP.bin -o runs/mine
 
     The result is a mordasr checkpoint with dense LoRA adapters on the sd21 preset: export it with
     mordasr-export CKPT --mode dense-lora (the adapters are merged into the weights), calibrate
@@ -59,8 +58,6 @@ def main(verbose: bool) -> None:
     recorded in the checkpoint and the bundle's manifest. Images whose content OSEDiff's tags
     would have described restore with the generic prompt instead.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def _write(lora, out: Path, sd_dir: Path, clip_weights: Path, clip_model_name: str | None, prompt: str,

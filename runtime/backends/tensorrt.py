@@ -31,11 +31,11 @@ from mordasr.runtime.engine_names import LRUCache, TensorRTVersion, engine_file_
 from mordasr.runtime.manifest import GraphSpec, Manifest, verify_file
 from mordasr.runtime.trt_build import build_engine
 from mordasr.runtime.trt_settings import (
-    EngineOptions,
     graph_refittable,
     min_input_size,
     profile_advice,
     profile_shapes,
+    recorded_engine_options,
 )
 from mordasr.runtime.weight_packs import BucketSlot, load_weight_pack, pack_loader, switch_bucket
 
@@ -232,7 +232,7 @@ class TensorRTBackend:
         self.refit_refused: set[str] = set()  # components whose engine cannot refit: one engine per bucket
         self.cache = EngineCache(cache_dir)
         self.build_missing = build_missing
-        self.options = engine_options(manifest)
+        self.options = recorded_engine_options(manifest)
         self.min_input = min_input_size(manifest, self.options.min_size) if manifest.profile else None
 
     def _close_engine(self, engine: _LoadedEngine) -> None:
@@ -319,19 +319,3 @@ class TensorRTBackend:
             engine = self._engine(graph)
         return engine.run(feeds, [o.name for o in graph.outputs], self.cuda_graphs)
 
-
-def engine_options(manifest: Manifest) -> EngineOptions:
-    """The options the exporter built (or would build) the bundle's engines with, so an engine the
-    cache builds is the one ``build_engines.sh`` builds. Bundles older than the record: their
-    profile sizes and device caps."""
-    if manifest.engine_options:
-        return EngineOptions.from_dict(manifest.engine_options)
-    sizes = {k: f"{hw[1]}x{hw[0]}" for k, hw in manifest.profile.items()} or {}
-    builder = manifest.device.get("builder", {})
-    defaults = EngineOptions()
-    return EngineOptions(min_size=sizes.get("min", defaults.min_size), opt_size=sizes.get("opt", defaults.opt_size),
-                         max_size=sizes.get("max", defaults.max_size),
-                         refittable=manifest.device.get("bucket_switch") == "refit",
-                         workspace_mb=builder.get("workspace_mb", defaults.workspace_mb),
-                         tactic_dram_mb=builder.get("tactic_dram_mb"),
-                         optimization_level=builder.get("optimization_level", defaults.optimization_level))

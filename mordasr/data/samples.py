@@ -76,7 +76,7 @@ class CropSampler:
 def training_images(folder: str | None, crop: int, seed: int = 0) -> CropSampler:
     """Crop sampler over a folder of HR photographs (recursive), or scikit-image's photographs."""
     if folder:
-        from mordasr.training.datasets import HRFolder
+        from mordasr.data.folders import HRFolder
 
         return HRFolder(folder, crop, seed)
     return CropSampler(sample_images("train"), crop, seed)

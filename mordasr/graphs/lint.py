@@ -47,7 +47,7 @@ def op_table(major: int) -> dict:
     if major not in TENSORRT_MAJORS:
         raise MordasrError(f"no operator table for TensorRT {major}; known: "
                            f"{', '.join(map(str, TENSORRT_MAJORS))}")
-    text = resources.files("mordasr.export").joinpath(f"tensorrt_ops/tensorrt-{major}.json").read_text()
+    text = resources.files("mordasr.graphs").joinpath(f"tensorrt_ops/tensorrt-{major}.json").read_text()
     return json.loads(text)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mordasr.data.samples import CropSampler
 from mordasr.errors import ImageError, MordasrError
 from mordasr.runtime.images import IMAGE_SUFFIXES, read_image
-from mordasr.training.data import CropSampler
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The known parameters give the target scores the ``tiny`` preset's degradation estimator is
 fitted to (``target_scores``), in the same 7 dimensions as the CLIP prompts. Real-ESRGAN's
-second-order pipeline (``training/realesrgan.py``) is the paper-fidelity version ``mordasr-train fit`` uses.
+second-order pipeline (``mordasr/data/realesrgan.py``) is the paper-fidelity version ``mordasr-train fit`` uses.
 """
 
 from __future__ import annotations
@@ -81,42 +81,6 @@ def degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
     return lr, degradations, targets
 
 
-def estimator_correlations(model, images: list[np.ndarray], crops_per_image: int = 8, crop: int = 256,
-                           seed: int = 0) -> dict:
-    """Pearson correlation of ``model.estimate``'s blur, noise and compression scores with the true
-    blur sigma, noise sigma and (100 - JPEG quality) of seeded synthetic degradations of HR crops
-    (each factor drawn independently, present or absent, then a strength, as in training).
-    ``model`` is a OneStepSR; images smaller than ``crop`` are skipped."""
-    import torch
-
-    from mordasr.training.common import model_device, nchw
-
-    names = [p[0] for p in model.config.prompts]
-    rng = np.random.default_rng(seed)
-    strengths, lr_crops = [], []
-    for hr in images:
-        h, w = hr.shape[:2]
-        if min(h, w) < crop:
-            continue
-        for _ in range(crops_per_image):
-            y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-            deg = random_degradation(rng)
-            lr_crops.append(degrade(hr[y:y + crop, x:x + crop], deg, model.config.scale, rng))
-            strengths.append((deg.blur_sigma, deg.noise_sigma * 255,
-                              0.0 if deg.jpeg_quality is None else 100.0 - deg.jpeg_quality))
-    if len(strengths) < 2:
-        raise ValueError(f"estimator_correlations: no image is at least {crop} px on its short side")
-    with torch.no_grad():  # every crop has the same size: one batch
-        scores = model.estimate(nchw(np.stack(lr_crops), model_device(model))).cpu().numpy()
-    truth = np.array(strengths)
-    pairs = {"blur": ("blur sigma", 0), "noise": ("noise sigma", 1), "compression": ("100 - JPEG quality", 2)}
-    result: dict = {"samples": len(truth), "crop": crop}
-    for dim, (label, column) in pairs.items():
-        r = np.corrcoef(scores[:, names.index(dim)], truth[:, column])[0, 1]
-        result[dim] = {"vs": label, "pearson": float(r)}
-    return result
-
-
 # The kinds of degradation a training batch draws from, one per image: clean bicubic (the standard
 # benchmark), the synthetic chain above with each factor present or absent, the same chain with all
 # three present ("compound": a camera photo is often blurred, noisy and compressed at once; the
@@ -134,20 +98,13 @@ ADAPTER_MIX = (("clean", 0.25), ("synthetic", 0.45), ("realesrgan", 0.30))
 
 def parse_mix(text: str, option: str = "mix") -> tuple[tuple[str, float], ...]:
     """``clean=0.3,synthetic=0.5,realesrgan=0.2`` as ((kind, probability), ...), normalised to sum to 1."""
-    parts = []
-    for item in text.split(","):
-        kind, _, share = item.partition("=")
-        try:
-            value = float(share)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not KIND=SHARE") from None
-        if kind.strip() not in DEGRADATION_KINDS or value < 0:
-            raise ValueError(f"{option}: {item!r}: KIND is one of {', '.join(DEGRADATION_KINDS)} and SHARE >= 0")
-        parts.append((kind.strip(), value))
-    total = sum(v for _, v in parts)
-    if total <= 0:
-        raise ValueError(f"{option}: the shares sum to zero")
-    return tuple((k, v / total) for k, v in parts)
+    from mordasr.runtime.cli_options import parse_pairs
+
+    shares = parse_pairs(text, option, float, keys=DEGRADATION_KINDS, form="KIND=SHARE")
+    if not shares or any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+        raise ValueError(f"{option}: give KIND=SHARE items with shares >= 0 that do not all vanish")
+    total = sum(shares.values())
+    return tuple((k, v / total) for k, v in shares.items())
 
 
 def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Generator,
@@ -155,7 +112,7 @@ def mixed_degraded_batch(hr_batch: np.ndarray, scale: int, rng: np.random.Genera
     """LR batch (N, h, w, 3) with each image degraded by a kind drawn from ``mix``."""
     import torch
 
-    from mordasr.training.realesrgan import RealESRGANConfig, degrade_realesrgan
+    from mordasr.data.realesrgan import RealESRGANConfig, degrade_realesrgan
 
     kinds = rng.choice([k for k, _ in mix], size=len(hr_batch), p=[p for _, p in mix])
     lr = np.empty((len(hr_batch), hr_batch.shape[1] // scale, hr_batch.shape[2] // scale, 3), np.float32)

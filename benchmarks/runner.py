@@ -22,6 +22,7 @@ from mordasr.benchmarks.measure import (
     time_call,
 )
 from mordasr.errors import MordasrError
+from mordasr.export.bundle import export_bundle
 from mordasr.runtime.backends import BACKENDS
 from mordasr.runtime.trt_settings import PRECISIONS
 
@@ -218,7 +219,6 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
     from mordasr.calib.data import synthetic_images
     from mordasr.calib.precision_bundle import build_precision_bundle
     from mordasr.export.buckets import default_buckets
-    from mordasr.export.bundle import export_bundle
     from mordasr.runtime import Restorer, load_manifest
 
     cfg.validate()
@@ -254,7 +254,8 @@ def run_benchmark(cfg: BenchConfig, workdir: Path, progress: Callable[[str], Non
         progress(f"{name}: export")
         start = time.perf_counter()
         buckets = default_buckets(model, cfg.buckets if mode == "folded" else 1, seed=cfg.seed)
-        export_bundle(model, bundle, mode, buckets, force=True, random_weights=cfg.preset == "sd21")
+        export_bundle(model, bundle, mode, buckets, force=True,
+                      random_weights=provenance[kind]["random_weights"])
         export_seconds = time.perf_counter() - start
         for precision in cfg.precisions:
             path = bundle

@@ -7,6 +7,7 @@ Gemm are quantized; layers that quantize badly are kept in float by node-name pa
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, feeds: Sequence[
                   smoothquant: bool = False) -> onnx.ModelProto:
     """Quantize one graph from calibration feeds; returns the Q/DQ model written to ``out_path``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     if not feeds:
         raise ValueError("no calibration data for this graph")
@@ -66,9 +68,31 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, feeds: Sequence[
         extra.update({"SmoothQuant": True, "SmoothQuantAlpha": 0.5})
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
-    quantize_static(str(model_path), str(out_path), _FeedReader(feeds),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes(model, keep_float),
-                    calibrate_method=calibrate_method, extra_options=extra)
+    op_types = ["Conv", "MatMul", "Gemm"]
+    with tempfile.TemporaryDirectory(prefix="mordasr-calib.") as work:
+        reader, cache = _FeedReader(feeds), None
+        if method == "entropy":
+            # quantize_static passes no histogram sizes to the entropy calibrator, whose defaults
+            # (128 bins, 128 quantized bins) leave the KL search one candidate: the min/max range.
+            cache = Path(work) / "ranges.json"
+            save_tensors_data(_entropy_ranges(model_path, op_types, feeds, Path(work)), cache)
+            reader = None
+        quantize_static(str(model_path), str(out_path), reader,
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes(model, keep_float),
+                        calibrate_method=calibrate_method, extra_options=extra, calibration_cache_path=cache)
     return onnx.load(str(out_path))
+
+
+def _entropy_ranges(model_path: str | Path, op_types: list[str], feeds: Sequence[dict[str, np.ndarray]],
+                    work: Path):
+    """Symmetric KL-divergence (entropy) ranges of every calibrated tensor: 512 histogram bins, so
+    the search may clip a range down to a quarter (slow: ONNX Runtime searches in Python)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    calibrator = create_calibrator(Path(model_path), op_types, augmented_model_path=str(work / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"symmetric": True, "num_bins": 512, "num_quantized_bins": 128})
+    calibrator.collect_data(_FeedReader(feeds))
+    return calibrator.compute_data()

@@ -31,11 +31,6 @@ SHIPPED_BASES = {
 DEFAULT_BASE = "esrgan-student"
 
 
-def tiny_base_path() -> Path:
-    """The small fidelity base shipped in the package (see ``mordasr-train base``)."""
-    return PRETRAINED_DIR / "tiny"
-
-
 def base_path(name_or_path: str | Path | None = None) -> Path:
     """A shipped base by name (``SHIPPED_BASES``; None: ``DEFAULT_BASE``), or a checkpoint folder."""
     name = str(name_or_path) if name_or_path is not None else DEFAULT_BASE

@@ -2,7 +2,8 @@
 
     python packaging/build_runtime_wheel.py -o dist/
 
-The wheel holds ``mordasr`` (version, errors, the CLI error path and the lazy-import helper only),
+The wheel holds ``mordasr`` (version, errors, the CLI error path, the lazy-import helper and the
+record loader only),
 ``mordasr.runtime`` and its backends, and ``mordasr.serving`` (Ray imported only when used), with the
 ``mordasr-run`` and
 ``mordasr-serve`` commands. It is an alternative to the full ``mordasr`` distribution for
@@ -56,7 +57,7 @@ def build(out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "mordasr").mkdir()
-        for name in ("__init__.py", "errors.py", "cli_errors.py", "lazy.py"):
+        for name in ("__init__.py", "errors.py", "cli_errors.py", "lazy.py", "records.py"):
             shutil.copy2(ROOT / "mordasr" / name, stage / "mordasr" / name)
         for folder in ("runtime", "serving"):
             shutil.copytree(ROOT / folder, stage / "mordasr" / folder,

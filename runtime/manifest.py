@@ -144,9 +144,6 @@ class Manifest:
     def component_precision(self, component: str) -> str:
         return next((g.precision for g in self.primary_graphs if g.component == component), self.precision)
 
-    def uses_precision(self, precision: str) -> bool:
-        return any(g.precision == precision for g in self.primary_graphs)
-
     def content_hash(self) -> str:
         """sha256 of what the bundle computes (graphs, packs, buckets, scheduler), not of the engines
         built from it: the engine cache key."""
@@ -154,11 +151,6 @@ class Manifest:
         for volatile in ("engines", "memory", "source", "mordasr_version", "engine_options"):
             data.pop(volatile, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def feeds_scores(self) -> bool:
-        """Whether the encoder and UNet graphs take the degradation scores as an input."""
-        return self.mode in SCORE_FED_MODES
 
     def weight_pack(self, component: str, bucket: int) -> WeightPack | None:
         for p in self.weight_packs:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -78,11 +77,6 @@ def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
         out[y] = cur
         prev = cur
     return out
-
-
-def read_png16(path: str | Path) -> tuple[np.ndarray, bytes | None]:
-    """(uint16 (H, W, C) array, ICC profile or None) of a 16-bit RGB(A) PNG file."""
-    return decode_png16(Path(path).read_bytes())
 
 
 def decode_png16(data: bytes) -> tuple[np.ndarray, bytes | None]:
@@ -206,7 +200,8 @@ class PngWriter:
 
 
 def encode_png(pixels: np.ndarray, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
-    """PNG bytes of a uint8 or uint16 (H, W, 3 or 4) array (``PngWriter`` in one band)."""
+    """PNG bytes of a uint8 or uint16 (H, W, 3 or 4) array (``PngWriter`` in one band): what the
+    tests compare a band-by-band write with, byte for byte."""
     buffer = io.BytesIO()
     height, width, channels = pixels.shape
     writer = PngWriter(buffer, width, height, channels, pixels.dtype.itemsize * 8, icc_profile, exif)

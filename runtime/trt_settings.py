@@ -226,10 +226,6 @@ def min_input_size(manifest: Manifest, min_size: str | int) -> tuple[int, int]:
     return dims["height"], dims["width"]
 
 
-def format_shape(name: str, shape: list[int]) -> str:
-    return f"{name}:{'x'.join(map(str, shape))}"
-
-
 def profile_advice(graph: str, name: str, shape: tuple[int, ...], profile: list[list[int]] | None,
                    max_batch: int) -> str:
     """Why an engine's profile refuses an input shape, and what to do about it."""

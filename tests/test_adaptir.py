@@ -117,10 +117,10 @@ def test_adaptir_sits_beside_every_transformer_feed_forward_and_starts_as_identi
 
 
 def test_training_moves_only_adaptir_and_checkpoints_round_trip(tmp_path):
-    from mordasr.model.io import load_checkpoint, save_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint, save_checkpoint
     from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 
-    model, _ = load_checkpoint(tiny_base_path(), adapter="adaptir")
+    model, _ = load_checkpoint(base_path("tiny"), adapter="adaptir")
     before = {n: p.clone() for n, p in model.named_parameters()}
     metrics = train_adapters(model, AdapterTrainingConfig(steps=3, seed=0), quiet=True)
     assert math.isfinite(metrics["loss_rec"]) and metrics["loss_bal"] == 0.0

@@ -65,7 +65,8 @@ def test_report_files_and_structure(report):
     assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
         "folded UNet latency / merged dense-LoRA UNet latency", "gated UNet latency / folded UNet latency"}
     assert results["machine"]["cores"] >= 1 and results["machine"]["onnxruntime"]
-    assert results["config"]["adapters"]["mor"] == {"checkpoint": None, "steps": 2, "random_weights": False}
+    assert results["config"]["adapters"]["mor"] == {"checkpoint": None, "base": "tiny", "steps": 2,
+                                                    "random_weights": False}
     assert "mor 2 steps, trained by this run" in (report / "report.md").read_text()
 
 
@@ -79,6 +80,22 @@ def test_given_checkpoints_are_reported_with_their_own_steps(tmp_path, tiny_mode
     models, provenance = _models(cfg, lambda _: None)
     assert set(models) == {"mor"}
     assert provenance == {"mor": {"checkpoint": str(path), "steps": 7, "random_weights": False}}
+
+
+def test_bundles_are_labelled_random_only_when_their_weights_are(tmp_path, tiny_model, monkeypatch):
+    """The sd21 preset with real weights given: its bundles are not labelled random (every sd21
+    bundle was, whatever its weights)."""
+    from mordasr.benchmarks import runner
+    from mordasr.model.io import save_checkpoint
+
+    path = save_checkpoint(tiny_model, tmp_path / "mor", {"training": {"steps": 7}, "random_weights": False})
+    labels = []
+    monkeypatch.setattr(runner, "export_bundle", lambda *a, random_weights, **k: labels.append(random_weights)
+                        or (_ for _ in ()).throw(MordasrError("stop after the export call")))
+    cfg = BenchConfig(preset="sd21", variants=("mor-folded",), mor_checkpoint=path)
+    with pytest.raises(MordasrError, match="stop after the export call"):
+        runner.run_benchmark(cfg, tmp_path / "work")
+    assert labels == [False]
 
 
 def test_every_number_is_measured(report):

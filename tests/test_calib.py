@@ -121,6 +121,29 @@ def test_calibration_is_deterministic(folded_bundle, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_calibration_methods_choose_other_activation_ranges(folded_bundle, tmp_path):
+    """--calib-method percentile|entropy: each calibrates a valid Q/DQ graph whose activation
+    scales differ from min/max's; percentile clips outliers, so its scales are no larger."""
+    from mordasr.calib.qdq_lint import lint_qdq
+
+    images = synthetic_images(4, 4, seed=5)
+    scales = {}
+    for method in ("minmax", "percentile", "entropy"):
+        (tmp_path / method).mkdir()
+        manifest = build_precision_bundle(folded_bundle, tmp_path / method, "int8", images=images, per_bucket=2,
+                                          seed=5, method=method, components={"unet": "int8"})
+        unet = onnx.load(str(tmp_path / method / manifest.graph("unet", 0).file))
+        assert lint_qdq(unet) == []
+        quantizers = {n.input[1] for n in unet.graph.node if n.op_type == "QuantizeLinear"}
+        inits = {i.name: numpy_helper.to_array(i) for i in unet.graph.initializer}
+        scales[method] = {name: float(inits[name]) for name in quantizers if inits[name].size == 1}
+    common = set(scales["minmax"]) & set(scales["percentile"]) & set(scales["entropy"])
+    assert len(common) > 5
+    for method in ("percentile", "entropy"):
+        assert any(abs(scales[method][k] - scales["minmax"][k]) > 1e-6 * scales["minmax"][k] for k in common)
+    assert all(scales["percentile"][k] <= scales["minmax"][k] * (1 + 1e-6) for k in common)
+
+
 def test_bad_input(folded_bundle, checkpoint, int8_bundle, tmp_path):
     def run(*args):
         return CliRunner().invoke(calib_main, [str(a) for a in args] + ["--checkpoint", str(checkpoint), "-q"])

@@ -170,7 +170,7 @@ def test_distillation_resumes_after_a_kill(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "student_forward", killed_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         module.distill(cfg, tmp_path / "student", quiet=True)
-    assert (tmp_path / ".student.work" / ".resume" / "distill.pt").is_file()
+    assert list((tmp_path / ".student.work" / ".resume" / "distill").rglob("state.pt"))
     assert not (tmp_path / "student").exists()
     monkeypatch.setattr(module, "student_forward", real)
     module.distill(cfg, tmp_path / "student", quiet=True)

@@ -141,11 +141,26 @@ print(rss("VmHWM:") - before)
 """
 
 
-@pytest.mark.parametrize("bundle", ["folded_bundle", "gated_bundle", "dense_lora_bundle"])
+@pytest.fixture(scope="module")
+def wide_bundle(tiny_buckets, tmp_path_factory):
+    """A folded bundle of a wider, deeper UNet than any the memory costs were fitted on."""
+    from mordasr.export.bundle import export_bundle
+    from mordasr.tests.conftest import make_tiny_model
+
+    model = make_tiny_model(block_out_channels=(64, 96, 128, 128), layers_per_block=2)
+    path = tmp_path_factory.mktemp("bundles") / "wide"
+    export_bundle(model, path, "folded", tiny_buckets)
+    return path
+
+
+@pytest.mark.parametrize("bundle", ["hybrid_bundle", "wide_bundle"])
 def test_estimate_against_measured_onnxruntime_peak_memory(bundle, request, tmp_path):
     """The ONNX Runtime CPU estimate for every graph held (each bucket restored once; the
     backend's sessions share one arena) vs the measured rise of the process's peak RSS, in a
-    fresh process, at 256 px and at the tiny profile's default 512 px output, for three modes."""
+    fresh process, at 256 px and at the tiny profile's default 512 px output. The costs in
+    export/memory.py were fitted on the folded, gated and dense-LoRA bundles of the shipped shape
+    (and a 4-bucket one, 256-640 px); these two bundles -- the hybrid mode, and a folded bundle of
+    a wider, deeper UNet -- are not among them, so the test checks a prediction, not the fit."""
     bundle_dir = request.getfixturevalue(bundle)
     manifest = load_manifest(bundle_dir)
     script = tmp_path / "measure.py"
@@ -157,13 +172,9 @@ def test_estimate_against_measured_onnxruntime_peak_memory(bundle, request, tmp_
                              capture_output=True, text=True, timeout=600, check=True)
         measured = int(out.stdout.strip())
         error = (estimate.total - measured) / measured
-        print(f"{manifest.mode} {manifest.adapter}: memory estimate at {side}px {estimate.total / MIB:.0f} MiB, "
+        print(f"{bundle}: memory estimate at {side}px {estimate.total / MIB:.0f} MiB, "
               f"measured {measured / MIB:.0f} MiB, error {error:+.1%}")
-        # Within 25 %, the issue's bar: measured -8 % to +7 % on these bundles (the costs in
-        # export/memory.py were fitted on them and a 4-bucket bundle, at 256-640 px). The
-        # liveness walk alone, without the arena factor and onnxruntime's own memory, was -23 %
-        # to -45 % low.
-        assert abs(error) < 0.25
+        assert abs(error) < 0.25  # the issue's bar
         bare = estimate.weights + max(estimate.graphs[k].activations for k in estimate.held)
         assert bare < 0.8 * measured  # what the runtime's costs add is needed to get there
 

@@ -20,7 +20,7 @@ from mordasr.errors import ImageError
 from mordasr.runtime.cli import main as run_main
 from mordasr.runtime.color import adain, color_fix, wavelet
 from mordasr.runtime.images import read_image, read_image_full, write_image
-from mordasr.runtime.png import encode_png, read_png16
+from mordasr.runtime.png import decode_png16, encode_png
 
 RNG = np.random.default_rng(7)
 FAKE_ICC = b"\0\0\0\x18mordasr-test-icc-profile"
@@ -68,7 +68,7 @@ def test_png16_decoder_handles_every_row_filter(tmp_path, channels):
     pixels = RNG.integers(0, 65536, (6, 5, channels), dtype=np.uint16)
     path = tmp_path / "f.png"
     path.write_bytes(_png16_filtered(pixels, [0, 1, 2, 3, 4]))
-    decoded, icc = read_png16(path)
+    decoded, icc = decode_png16(path.read_bytes())
     assert np.array_equal(decoded, pixels) and icc is None
 
 
@@ -82,7 +82,7 @@ def test_16bit_png_stays_16bit_with_alpha_and_icc(tmp_path):
     assert np.array_equal(np.round(decoded.alpha * 65535).astype(np.uint16), pixels[..., 3])
     out = tmp_path / "out.png"
     write_image(out, decoded.rgb, decoded.alpha, 16, decoded.icc_profile)
-    again, icc = read_png16(out)
+    again, icc = decode_png16(out.read_bytes())
     assert np.array_equal(again, pixels) and icc == FAKE_ICC
     # composited view for the network: over white
     flat = read_image(path)

@@ -236,7 +236,7 @@ def test_run_folder_errors(tmp_path):
     ("mor-no-zero", "mor", 1, 0, True), ("mor-std-balance", "mor", 1, 2, False), ("mor", "mor", 1, 2, True)])
 def test_ablations_build_the_paper_rows(ablation, kind, expert_size, n_zero, aware):
     from mordasr.model.adapters.mor import MoRLayer
-    from mordasr.training.paper_trainer import build_model
+    from mordasr.training.ablations import build_model
 
     cfg = load_fit_config(None, [f"run.ablation={ablation}"])
     model, degradation_aware, _ = build_model(cfg)
@@ -272,3 +272,15 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     report = json.loads((out / "distributed.json").read_text())
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     assert report["in_sync"] and len(set(report["digests"])) == 1
+
+
+def test_only_the_last_keep_last_checkpoints_are_kept(tmp_path):
+    """run.keep_last: writing a fourth checkpoint with keep_last 2 leaves the newest two."""
+    from mordasr.training.checkpoint import checkpoints, latest_state, save_state
+
+    for step in (10, 20, 30, 40):
+        save_state(tmp_path, step, {"step": step, "weights": torch.full((2,), float(step))}, keep_last=2)
+    assert [step for step, _ in checkpoints(tmp_path)] == [30, 40]
+    step, state, _ = latest_state(tmp_path)
+    assert step == 40 and torch.equal(state["weights"], torch.full((2,), 40.0))
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no half-written folder left

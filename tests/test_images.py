@@ -42,13 +42,28 @@ def test_random_bytes_never_crash(tmp_path_factory, data):
         assert image.ndim == 3 and np.isfinite(image).all()
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK", "I;16", "1"])
+# (mode, the colour a (200, 100, 50) corner reads back as): what each mode can hold of it
+_MODE_CORNER = {"L": (124, 124, 124), "RGBA": (200, 100, 50), "P": (204, 102, 51), "LA": (124, 124, 124),
+                "CMYK": (200, 100, 50), "I;16": (124, 124, 124), "1": (255, 255, 255)}
+
+
+@pytest.mark.parametrize("mode", list(_MODE_CORNER))
 def test_modes_decode_to_rgb(tmp_path, mode):
-    img = Image.new("RGB", (5, 4), (200, 100, 50)).convert(mode)
+    """Pixels, not just ranges: an orange top-left corner on a black image comes back as the colour
+    the mode holds of it, in that corner, and the rest stays black."""
+    img = Image.new("RGB", (5, 4), (0, 0, 0))
+    img.paste((255, 255, 255) if mode == "1" else (200, 100, 50), (0, 0, 2, 1))  # "1": black or white
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
-    img.save(path)
+    if mode == "I;16":  # 16-bit gray: the corner's luma 124 as 124 * 257
+        Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257).save(path)
+    else:
+        img.convert(mode).save(path)
     decoded = read_image(path)
-    assert decoded.shape == (4, 5, 3) and decoded.min() >= 0 and decoded.max() <= 1
+    assert decoded.shape == (4, 5, 3)
+    got = np.round(decoded * 255).astype(int)
+    expected = np.array(_MODE_CORNER[mode])
+    assert np.abs(got[0, 0] - expected).max() <= 1 and np.abs(got[0, 1] - expected).max() <= 1
+    assert got[1:].max() == 0 and got[0, 2:].max() == 0
 
 
 def test_sixteen_bit_gray_keeps_precision(tmp_path):
@@ -59,13 +74,21 @@ def test_sixteen_bit_gray_keeps_precision(tmp_path):
     assert np.allclose(decoded[0, :, 0], values[0] / 65535.0, atol=1e-6)
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.new("RGB", (6, 3), (255, 0, 0))
+@pytest.mark.parametrize("orientation, corner", [(1, (0, 0)), (3, (-1, -1)), (6, (0, -1)), (8, (-1, 0))])
+def test_exif_orientation_is_applied(tmp_path, orientation, corner):
+    """A red top-left corner on a 6x3 blue image, stored with an EXIF orientation: after decoding
+    the image is upright and the red block is where a viewer shows it (6: rotated 90 degrees
+    clockwise, so the stored top-left is at the top right)."""
+    img = Image.new("RGB", (6, 3), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 2, 1))
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    path = tmp_path / "r.jpg"
+    exif[0x0112] = orientation
+    path = tmp_path / "r.png"
     img.save(path, exif=exif)
-    assert read_image(path).shape == (6, 3, 3)
+    decoded = read_image(path)
+    assert decoded.shape == ((6, 3, 3) if orientation in (6, 8) else (3, 6, 3))
+    red = decoded[..., 0] > 0.5
+    assert red.sum() == 2 and red[corner]
 
 
 def test_errors_are_one_line(tmp_path):

@@ -61,7 +61,8 @@ def test_hybrid_model_equals_gated_model(tiny_model):
 
 def test_hybrid_bundle_matches_gated_bundle_and_pytorch(tiny_model, hybrid_bundle, gated_bundle):
     manifest = load_manifest(hybrid_bundle)
-    assert manifest.mode == "hybrid" and manifest.feeds_scores
+    assert manifest.mode == "hybrid" and all("scores" in {t.name for t in manifest.graph(c).inputs}
+                                              for c in ("encoder", "unet"))
     assert [t.name for t in manifest.graph("unet").inputs] == ["latent", "scores"]
     hybrid, gated = Restorer(hybrid_bundle).restore(IMAGE), Restorer(gated_bundle).restore(IMAGE)
     assert np.abs(hybrid.image - gated.image).max() < 1e-4
@@ -70,7 +71,8 @@ def test_hybrid_bundle_matches_gated_bundle_and_pytorch(tiny_model, hybrid_bundl
 
 def test_dense_lora_bundle_matches_pytorch(lora_model, dense_lora_bundle):
     manifest = load_manifest(dense_lora_bundle)
-    assert manifest.mode == "dense-lora" and manifest.adapter == "lora" and not manifest.feeds_scores
+    assert manifest.mode == "dense-lora" and manifest.adapter == "lora"
+    assert not any("scores" in {t.name for t in g.inputs} for g in manifest.graphs)
     assert [t.name for t in manifest.graph("unet").inputs] == ["latent"]
     result = Restorer(dense_lora_bundle).restore(IMAGE)
     assert np.abs(result.image - _torch_restore(lora_model, IMAGE)).max() < 1e-4

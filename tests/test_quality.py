@@ -34,9 +34,9 @@ MAX_COLOUR_SHIFT = 2.0  # CIEDE2000 of the image means
 
 @pytest.fixture(scope="module")
 def shipped_base():
-    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint
 
-    model, meta = load_checkpoint(tiny_base_path(), add_adapters=False)
+    model, meta = load_checkpoint(base_path("tiny"), add_adapters=False)
     assert not meta.get("random_weights")
     return model
 

@@ -33,7 +33,6 @@ from mordasr.runtime.trt_settings import (
     EngineOptions,
     build_settings,
     engine_graphs,
-    format_shape,
     graph_refittable,
     parse_size,
     profile_advice,
@@ -115,7 +114,6 @@ def test_profiles_from_output_pixels(folded_bundle):
     assert profile_shapes(batched, batched.graph("router"), 64, 128, 256)["image"][2][0] == 12
     with pytest.raises(MordasrError, match="min <= opt <= max"):
         profile_shapes(manifest, manifest.graph("unet", 0), 512, 256, 1024)
-    assert format_shape("latent", [1, 16, 8, 8]) == "latent:1x16x8x8"
 
 
 def test_profiles_respect_lr_multiple(folded_bundle):

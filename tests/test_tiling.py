@@ -133,9 +133,9 @@ def base_bundle(tmp_path_factory):
     """The shipped, trained tiny base (adapters at their zero init), exported gated."""
     from mordasr.export.buckets import grid_buckets
     from mordasr.export.bundle import export_bundle
-    from mordasr.model.io import load_checkpoint, tiny_base_path
+    from mordasr.model.io import base_path, load_checkpoint
 
-    model, _ = load_checkpoint(tiny_base_path(), adapter="mor")
+    model, _ = load_checkpoint(base_path("tiny"), adapter="mor")
     path = tmp_path_factory.mktemp("base") / "bundle"
     export_bundle(model, path, "gated", grid_buckets(1, [p[0] for p in model.config.prompts]))
     return path

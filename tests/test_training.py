@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mordasr.data.degradations import Degradation, degrade, degraded_batch, mixed_degraded_batch, target_scores
 from mordasr.data.samples import HELDOUT_IMAGES, TRAIN_IMAGES, CropSampler, load_sample_image, sample_images
-from mordasr.model.io import load_checkpoint, tiny_base_path
+from mordasr.model.io import base_path, load_checkpoint
 from mordasr.tests.conftest import make_tiny_model
 from mordasr.training.adapter_trainer import AdapterTrainingConfig, train_adapters
 from mordasr.training.base_config import BaseTrainingConfig
@@ -112,9 +112,9 @@ def test_train_config_validation():
 
 
 def test_shipped_tiny_base_loads():
-    config = json.loads((tiny_base_path() / "config.json").read_text())
+    config = json.loads((base_path("tiny") / "config.json").read_text())
     assert config["meta"]["kind"] == "base" and not config["meta"]["random_weights"]
-    model, meta = load_checkpoint(tiny_base_path())
+    model, meta = load_checkpoint(base_path("tiny"))
     assert model.has_adapters and not meta["has_adapters"]
     assert set(meta["stages_done"]) == {"vae", "sr", "estimator"}
 
@@ -147,7 +147,7 @@ def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     # the estimator's curve tracks its correlation with the true strengths on held-out crops
     header = (work / "curves-estimator.csv").read_text().splitlines()[0]
     assert header == "step,loss,r_blur,r_noise,r_compression"
-    assert not list((work / ".resume").glob("*.pt"))  # finished stages leave no resume state
+    assert not list((work / ".resume").rglob("*.pt"))  # finished stages leave no resume state
     again = CliRunner().invoke(train_main, args)  # a finished run run again trains nothing more
     assert again.exit_code == 0 and len((work / "curves-sr.csv").read_text().splitlines()) == 3
     assert {h["device"] for h in meta["history"]} == {"cpu"}  # auto: no GPU seen here
@@ -181,9 +181,9 @@ def test_train_cli_base_unet_shape_from_scratch_and_from_a_start(tmp_path):
     with torch.no_grad():
         assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
 
-    shipped, _ = load_checkpoint(tiny_base_path(), add_adapters=False)
+    shipped, _ = load_checkpoint(base_path("tiny"), add_adapters=False)
     wide = tmp_path / "wide"
-    args = ["base", "-o", str(wide), "--from", str(tiny_base_path()), "--stages", "sr", "--sr-steps", "1",
+    args = ["base", "-o", str(wide), "--from", str(base_path("tiny")), "--stages", "sr", "--sr-steps", "1",
             "--batch", "1", "--crop", "32", "--unet-channels", "64,96,128,128", "-q"]
     result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 0, result.output
@@ -210,7 +210,7 @@ def test_train_base_new_unet_needs_the_sr_stage_and_a_resume_state_of_another_sh
     from mordasr.errors import MordasrError
     from mordasr.training import base_trainer
 
-    result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--from", str(tiny_base_path()),
+    result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--from", str(base_path("tiny")),
                                              "--stages", "estimator", "--unet-channels", "64,64,96,96", "-q"])
     assert result.exit_code == 2 and "--stages sr" in result.stderr and not list(tmp_path.iterdir())
 
@@ -252,13 +252,13 @@ def test_train_base_on_cuda_resumes_a_cpu_state_and_writes_a_cpu_checkpoint(tmp_
 def test_train_cli_average_writes_the_weighted_mean_of_base_checkpoints(tmp_path):
     from mordasr.model.io import save_checkpoint
 
-    base, meta = load_checkpoint(tiny_base_path(), add_adapters=False)
+    base, meta = load_checkpoint(base_path("tiny"), add_adapters=False)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.01)
     save_checkpoint(base, tmp_path / "moved", meta)
-    result = CliRunner().invoke(train_main, ["average", "-o", str(tmp_path / "soup"), str(tiny_base_path()),
+    result = CliRunner().invoke(train_main, ["average", "-o", str(tmp_path / "soup"), str(base_path("tiny")),
                                              str(tmp_path / "moved"), "--weights", "3,1"])
     assert result.exit_code == 0, result.output
     soup, soup_meta = load_checkpoint(tmp_path / "soup", add_adapters=False)
@@ -283,7 +283,7 @@ def test_train_cli_average_errors(tmp_path, args, message):
     from mordasr.model.io import save_checkpoint
 
     save_checkpoint(model, tmp_path / "adapted", {"kind": "adapted"})
-    argv = [a.format(base=tiny_base_path(), adapted=tmp_path / "adapted") for a in args]
+    argv = [a.format(base=base_path("tiny"), adapted=tmp_path / "adapted") for a in args]
     result = CliRunner().invoke(train_main, ["average", "-o", str(tmp_path / "soup"), *argv])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "soup").exists()

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mordasr.data.degradations import degraded_batch, mixed_degraded_batch, random_degradation
+from mordasr.data.degradations import degraded_batch, mixed_degraded_batch, parse_mix, random_degradation
 from mordasr.data.samples import CropSampler, sample_images, training_images
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR
 from mordasr.model.io import save_checkpoint
 from mordasr.model.losses import clear_routing, load_balance_loss
-from mordasr.training.common import nchw, seed_everything
+from mordasr.training.common import PRECISIONS, autocast, nchw, seed_everything
+from mordasr.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class AdapterTrainingConfig:
     eval_every: int = 100
     eval_crops: int = 8
     data: str | None = None  # folder of HR photographs; None: scikit-image's photographs
+    mix: str = "clean=0.25,synthetic=0.45,realesrgan=0.30"  # degradation kinds of the training inputs
+    precision: str = "fp32"  # bf16: the forward pass under CPU autocast
     seed: int = 0
 
     def validate(self) -> None:
@@ -50,6 +53,9 @@ class AdapterTrainingConfig:
                 raise ValueError(f"{name} must be positive")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        parse_mix(self.mix, "--mix")
 
 
 def validation_set(model: OneStepSR, crops: int, crop: int, seed: int = 1234):
@@ -79,11 +85,12 @@ def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path
     if not model.has_adapters:
         raise ValueError("the model has no adapters to train")
     rng = seed_everything(cfg.seed)
+    mix = parse_mix(cfg.mix, "--mix")
     sampler = training_images(cfg.data, cfg.crop, cfg.seed)
     val_lr, val_hr = validation_set(model, cfg.eval_crops, cfg.crop)
     params = model.adapter_parameters()
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    sched = warmup_cosine(opt, cfg.steps)
     out_dir = Path(out) if out is not None else None
     rows: list[dict] = []
     metrics = {"step": 0, **evaluate(model, val_lr, val_hr)}
@@ -94,12 +101,13 @@ def train_adapters(model: OneStepSR, cfg: AdapterTrainingConfig, out: str | Path
                dynamic_ncols=True)
     for step in bar:
         hr = sampler.sample(cfg.batch)
-        lr_t, hr_t = nchw(mixed_degraded_batch(hr, model.config.scale, rng)), nchw(hr)
+        lr_t, hr_t = nchw(mixed_degraded_batch(hr, model.config.scale, rng, mix)), nchw(hr)
         with torch.no_grad():
             scores = model.estimate(lr_t)
         clear_routing(model)
-        restored = model(lr_t, scores)
-        rec = F.mse_loss(restored, hr_t)
+        with autocast(cfg.precision):
+            restored = model(lr_t, scores)
+        rec = F.mse_loss(restored.float(), hr_t)
         bal = load_balance_loss(model, scores[:, 0], cfg.balance_alpha)
         loss = rec + cfg.balance_weight * bal
         if not torch.isfinite(loss):

@@ -15,7 +15,7 @@ MoR-DASR fine-tunes adapters on a pretrained model; SD weights cannot be had off
 The adapters then specialise this base per degradation, routed by the estimator's scores. The
 result ships as ``mordasr/model/pretrained/tiny``; ``mordasr-train base --data DIR`` reproduces it
 from any folder of HR photographs. Each stage writes a resume state every
-``checkpoint_every`` steps (``OUT/.resume/<stage>.pt``: weights, optimizer, scheduler, every RNG),
+``checkpoint_every`` steps (``OUT/.resume/<stage>/``: weights, optimizer, scheduler, every RNG),
 so a killed run continues where it stopped, and the checkpoint after each finished stage.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import os
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -41,8 +41,10 @@ from mordasr.metrics import psnr
 from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import save_checkpoint
 from mordasr.training.base_config import BaseTrainingConfig
+from mordasr.training.checkpoint import latest_state, restore_rng, rng_state, save_state
 from mordasr.training.common import estimator_correlations, model_device, nchw, resolve_device, seed_everything
 from mordasr.training.ema import WeightEMA
+from mordasr.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +52,44 @@ STAGES = ("vae", "sr", "estimator")
 
 
 class _Resumable:
-    """Saves and restores a stage's full training state: module, optimizer, scheduler, step, RNGs."""
+    """A stage's full training state -- module, optimizer, scheduler, step, EMA, every RNG -- saved
+    and restored with ``training/checkpoint.py`` (the one resume format of every trainer), under
+    ``OUT/.resume/<stage>/``; only the newest state is kept."""
 
     def __init__(self, out: Path, stage: str, module: torch.nn.Module, opt, sched,
                  generators: list[np.random.Generator], ema: WeightEMA | None = None) -> None:
-        self.path = out / ".resume" / f"{stage}.pt"
-        self.module, self.opt, self.sched, self.generators, self.ema = module, opt, sched, generators, ema
+        self.folder = out / ".resume" / stage
+        self.module, self.opt, self.sched, self.ema = module, opt, sched, ema
+        self.generators = {str(i): g for i, g in enumerate(generators)}
 
     def load(self) -> int:
-        if not self.path.is_file():
+        latest = latest_state(self.folder)
+        if latest is None:
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        step, state, folder = latest
         try:
             self.module.load_state_dict(state["module"])
         except RuntimeError as err:  # e.g. --unet-channels changed between the run and its resume
             detail = str(err).splitlines()[-1].strip()
-            raise MordasrError(f"{self.path} was written for a model of another shape ({detail}); run the "
-                               "command that wrote it again, or remove the file to start the stage over") from None
+            raise MordasrError(f"{folder} was written for a model of another shape ({detail}); run the "
+                               "command that wrote it again, or remove the folder to start the stage over") from None
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
-        for gen, gen_state in zip(self.generators, state["numpy"]):
-            gen.bit_generator.state = gen_state
-        torch.set_rng_state(state["torch"])
+        restore_rng(state["rng"], self.generators)
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         elif self.ema is not None:  # a state written without EMA starts the average at its weights
             self.ema.reset(self.module)
-        log.info("resumed %s at step %d", self.path, state["step"])
-        return int(state["step"])
+        log.info("resumed %s at step %d", folder, step)
+        return int(step)
 
     def save(self, step: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"module": self.module.state_dict(), "opt": self.opt.state_dict(),
-                    "sched": self.sched.state_dict(), "step": step,
-                    "numpy": [g.bit_generator.state for g in self.generators],
-                    "torch": torch.get_rng_state(),
-                    "ema": None if self.ema is None else self.ema.state_dict()}, tmp)
-        os.replace(tmp, self.path)
+        save_state(self.folder, step, {"module": self.module.state_dict(), "opt": self.opt.state_dict(),
+                                       "sched": self.sched.state_dict(), "rng": rng_state(self.generators),
+                                       "ema": None if self.ema is None else self.ema.state_dict()}, keep_last=1)
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
@@ -113,9 +112,7 @@ def _fit(module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps:
         groups.setdefault(scale, []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr * scale} for scale, ps in groups.items()], lr,
                             weight_decay=weight_decay)
-    warmup = max(1, steps // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    sched = warmup_cosine(opt, steps, warmup=max(1, steps // 50))
     ema = WeightEMA(module, cfg.ema) if cfg.ema else None
     state = _Resumable(out, stage, module, opt, sched, generators, ema)
     start = state.load()
@@ -193,13 +190,14 @@ def unet_shape(unet: dict, channels: tuple[int, ...] | None = None, layers: int 
 
 
 def with_unet_shape(model: OneStepSR, channels: tuple[int, ...] | None = None,
-                    layers: int | None = None) -> OneStepSR:
+                    layers: int | None = None, new: bool = False) -> OneStepSR:
     """``model`` with a fresh, identity-started UNet of another shape (``unet_shape``), its
-    autoencoder and estimator kept; ``model`` itself when the shape is already that. The lever for
-    a larger base than the shipped one."""
+    autoencoder and estimator kept; ``model`` itself when the shape is already that, unless
+    ``new`` asks for a fresh UNet anyway (a base that has learned no restoration in its UNet). The
+    lever for a larger base than the shipped one."""
     unet = model.config.unet
     wanted = unet_shape(unet, channels, layers)
-    if (tuple(wanted["block_out_channels"]), wanted["layers_per_block"]) == (
+    if not new and (tuple(wanted["block_out_channels"]), wanted["layers_per_block"]) == (
             tuple(unet["block_out_channels"]), unet["layers_per_block"]):
         return model
     reshaped = OneStepSR(replace(model.config, unet=wanted), with_adapters=False)
@@ -320,7 +318,7 @@ def train_estimator(model: OneStepSR, cfg: BaseTrainingConfig, out: Path, quiet:
 def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
                stages: tuple[str, ...] = STAGES, start_from: str | Path | None = None,
                device: str = "cpu", unet_channels: tuple[int, ...] | None = None,
-               unet_layers: int | None = None) -> Path:
+               unet_layers: int | None = None, new_unet: bool = False) -> Path:
     """Train the given stages in order and write the base checkpoint after each one.
 
     ``start_from`` continues from an existing base checkpoint (to retrain some stages only);
@@ -344,11 +342,11 @@ def train_base(out: str | Path, cfg: BaseTrainingConfig, quiet: bool = False,
         model, meta = load_checkpoint(source, add_adapters=False)
         losses, done = dict(meta.get("final_losses", {})), list(meta.get("stages_done", []))
         history = list(meta.get("history", []))
-        reshaped = with_unet_shape(model, unet_channels, unet_layers)
+        reshaped = with_unet_shape(model, unet_channels, unet_layers, new=new_unet)
         if reshaped is not model:
             if "sr" not in stages:
-                raise ValueError("--unet-channels / --unet-layers replace the UNet with a new, untrained one: "
-                                 "train it with the sr stage (--stages sr)")
+                raise ValueError("--unet-channels / --unet-layers / --new-unet replace the UNet with a new, untrained "
+                                 "one: train it with the sr stage (--stages sr)")
             model, losses = reshaped, {k: v for k, v in losses.items() if k != "sr_l1"}
             done = [s for s in done if s != "sr"]
     else:

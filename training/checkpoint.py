@@ -65,8 +65,8 @@ def save_state(run_dir: str | Path, step: int, state: dict[str, Any], keep_last:
     return target
 
 
-def load_latest(run_dir: str | Path, preset: str, adapter: str) -> tuple[int, dict[str, Any]] | None:
-    """The newest checkpoint's state, checked against the run's preset and adapter; None if none."""
+def latest_state(run_dir: str | Path) -> tuple[int, dict[str, Any], Path] | None:
+    """(step, state, folder) of the newest checkpoint under ``run_dir``; None if there is none."""
     found = checkpoints(run_dir)
     if not found:
         return None
@@ -75,6 +75,15 @@ def load_latest(run_dir: str | Path, preset: str, adapter: str) -> tuple[int, di
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file: torch raises several types
         raise CheckpointError(f"{folder / STATE_FILE}: unreadable checkpoint ({err})") from None
+    return step, state, folder
+
+
+def load_latest(run_dir: str | Path, preset: str, adapter: str) -> tuple[int, dict[str, Any]] | None:
+    """The newest checkpoint's state, checked against the run's preset and adapter; None if none."""
+    latest = latest_state(run_dir)
+    if latest is None:
+        return None
+    step, state, folder = latest
     saved = (state.get("preset"), state.get("adapter"))
     if saved != (preset, adapter):
         raise CheckpointError(f"{folder} is a {saved[0]}/{saved[1]} checkpoint, this run is {preset}/{adapter}; "

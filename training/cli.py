@@ -61,14 +61,20 @@ def main() -> None:
               help="Validate on held-out photographs every N steps.")
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of HR photographs (recursive) [default: the photographs shipped with scikit-image].")
+@click.option("--mix", default="clean=0.25,synthetic=0.45,realesrgan=0.30", show_default=True,
+              help="Share of each degradation kind in the training inputs: clean, synthetic (blur/noise/JPEG), "
+                   "compound (all three), realesrgan (second-order chain).")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True,
+              help="bf16: the forward pass under torch.autocast on the CPU (faster where it has AVX-512 BF16 or "
+                   "AMX); fp32: plain float32.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's choice].")
 @verbosity
 def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
              clip_weights: Path | None, random_weights: bool, adapter: str, steps: int, batch: int,
-             crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, seed: int,
-             threads: int | None, quiet: bool) -> None:
+             crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, mix: str,
+             precision: str, seed: int, threads: int | None, quiet: bool) -> None:
     """Fine-tune adapters (LoRA, MoR or AdaptIR) on a frozen base with L2 + load-balance losses.
 
     Data: random crops of --data (or the photographs shipped with scikit-image), each degraded on
@@ -95,7 +101,8 @@ def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
             if meta.get("has_adapters"):
                 _fail(f"{base_name} already holds adapters; pass a base checkpoint")
         cfg = AdapterTrainingConfig(steps=steps, batch=batch, crop=crop, lr=lr, balance_weight=balance_weight,
-                                    eval_every=eval_every, data=str(data) if data else None, seed=seed)
+                                    eval_every=eval_every, data=str(data) if data else None, mix=mix,
+                                    precision=precision, seed=seed)
         metrics = train_adapters(model, cfg, out, quiet=quiet, random_weights=random_weights)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
@@ -200,6 +207,9 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
                    "identity, so run the sr stage) replaces the start's; its autoencoder and estimator are kept.")
 @click.option("--unet-layers", type=click.IntRange(min=1), default=None,
               help="ResNet blocks per UNet level, as --unet-channels [default: the start's, or 1].")
+@click.option("--new-unet", is_flag=True,
+              help="With --from: a new UNet started as the identity even at the start's shape (the sr stage then "
+                   "trains it from scratch beside the kept autoencoder and estimator).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BASE_DEFAULTS.checkpoint_every,
               show_default=True, help="Steps between resume states (and rows of the curves).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -208,7 +218,7 @@ def fit(out: Path, config_file: Path | None, overrides: tuple[str, ...], resume:
 @verbosity
 def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_steps: int, batch: int,
          crop: int, lr: float, sr_mix: str, recon_weight: float, latent_weight: float, ema: float, stages: str,
-         start_from: Path | None, unet_channels: str | None, unet_layers: int | None,
+         start_from: Path | None, unet_channels: str | None, unet_layers: int | None, new_unet: bool,
          checkpoint_every: int, seed: int, device: str, quiet: bool) -> None:
     """Train the tiny preset's stand-in for a pretrained model (VAE, end-to-end SR, estimator).
 
@@ -231,7 +241,8 @@ def base(out: Path, data: Path | None, vae_steps: int, sr_steps: int, estimator_
     try:
         channels = None if unet_channels is None else parse_list(unet_channels, "--unet-channels", int)
         path = train_base(out, cfg, quiet=quiet, stages=parse_list(stages, "--stages"),
-                          start_from=start_from, device=device, unet_channels=channels, unet_layers=unet_layers)
+                          start_from=start_from, device=device, unet_channels=channels, unet_layers=unet_layers,
+                          new_unet=new_unet)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
     weights = (path / "model.safetensors").stat().st_size

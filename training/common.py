@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
 import torch
+
+PRECISIONS = ("bf16", "fp32")  # of a training step's forward pass on the CPU
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the CPU (AVX-512 BF16 / AMX run convolutions in it), or nothing (FP32)."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> np.random.Generator:

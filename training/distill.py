@@ -17,7 +17,6 @@ student is written as a base checkpoint that records its teacher (name, fingerpr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,13 +33,12 @@ from mordasr.model import OneStepSR, preset_config
 from mordasr.model.io import base_path, load_checkpoint, save_checkpoint
 from mordasr.runtime.manifest import sha256_file
 from mordasr.training.base_trainer import _fit, identity_start, train_estimator, unet_shape, with_unet_shape
-from mordasr.training.common import model_device, nchw, seed_everything
+from mordasr.training.common import PRECISIONS, autocast, model_device, nchw, seed_everything
 from mordasr.training.teacher_cache import Photo, TeacherCache, plan_samples
 from mordasr.training.teachers import Teacher, TeacherError, load_teacher
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp32")
 SCRATCH = "scratch"
 
 
@@ -163,13 +161,6 @@ class CachedPairs:
         return as_float[0], as_float[1], (np.stack(hr).astype(np.float32) / 255 if hr else None)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on the CPU (AVX-512 BF16 / AMX run convolutions in it), or nothing (FP32)."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def student_forward(model: OneStepSR, lr: torch.Tensor, precision: str) -> torch.Tensor:
     """The student's restoration in [0, 1] (float32), the UNet at the fixed timestep, no router
     (the base has no adapters to route)."""
@@ -219,13 +210,12 @@ def distill(cfg: DistillConfig, out: str | Path | None, quiet: bool = False) -> 
     timings: list[float] = []
 
     def loss(_step: int) -> torch.Tensor:
-        start = time.perf_counter()
+        timings.append(time.perf_counter())  # a step is the time from one loss call to the next
         lr, target, hr = pairs.window(rng, rng.choice(train, cfg.batch), cfg.crop)
         restored = student_forward(model, nchw(lr, device), cfg.precision)
         value = (restored - nchw(target, device)).abs().mean()
         if cfg.hr_weight:
             value = value + cfg.hr_weight * (restored - nchw(hr, device)).abs().mean()
-        timings.append(time.perf_counter() - start)
         return value
 
     @torch.no_grad()
@@ -253,9 +243,16 @@ def distill(cfg: DistillConfig, out: str | Path | None, quiet: bool = False) -> 
             "distilled_from": teacher.describe(),
             "training": {**asdict(cfg), "stage": "distill", "final_loss": final,
                          "seconds": round(seconds, 1),
-                         "steps_per_second": round(len(timings) / max(sum(timings), 1e-9), 3)}}
+                         "steps_per_second": _steps_per_second(timings)}}
     save_checkpoint(model, path, meta)
     return path
+
+
+def _steps_per_second(starts: list[float]) -> float | None:
+    """Training steps per second from the start times of the steps: the median step (the steps
+    with an evaluation in them, or a resume, do not count)."""
+    steps = np.diff(starts)
+    return round(float(1 / np.median(steps)), 3) if len(steps) else None
 
 
 def measure_steps_per_second(cfg: DistillConfig, steps: int = 20, warmup: int = 3) -> dict[str, float]:

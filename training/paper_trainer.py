@@ -11,12 +11,9 @@ gloo on CPUs); every rank draws different crops and the averaged gradients keep 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
 
@@ -29,63 +26,20 @@ from mordasr.data.realesrgan import degrade_realesrgan
 from mordasr.errors import MordasrError
 from mordasr.metrics import psnr
 from mordasr.model import OneStepSR
-from mordasr.model.adapters.mor import MoRLayer
 from mordasr.model.losses import clear_routing, load_balance_loss
+from mordasr.training.ablations import build_model
 from mordasr.training.checkpoint import load_latest, restore_rng, rng_state, save_state
 from mordasr.training.common import nchw
+from mordasr.training.distributed import Distributed
 from mordasr.training.ema import WeightEMA
 from mordasr.training.gan import MultiScaleDiscriminator, discriminator_loss, generator_adversarial_loss
 from mordasr.training.paper_config import FitConfig, write_resolved
 from mordasr.training.perceptual import perceptual_loss, ssim
+from mordasr.training.run_log import router_statistics, tensorboard, write_metrics
+from mordasr.training.schedule import warmup_cosine
 from mordasr.training.vsd import VSDRegularizer
 
 log = logging.getLogger(__name__)
-
-# run.ablation -> (adapter kind, AdapterConfig changes, degradation-aware balance)
-def ablation_settings(ablation: str, adapter: str, r_routed: int) -> tuple[str, dict, bool]:
-    if ablation == "dense-lora":
-        return "lora", {}, True
-    if ablation == "lora-moe":  # 4 LoRA experts of r_routed/4 ranks, top-2, no shared ranks or zero slots
-        experts = 4 if r_routed % 4 == 0 else 2
-        return "mor", {"expert_size": r_routed // experts, "n_zero": 0, "top_k": 2}, True
-    if ablation == "mor-no-zero":
-        return "mor", {"n_zero": 0}, True
-    if ablation == "mor-std-balance":
-        return "mor", {}, False
-    return adapter, {}, True
-
-
-class Distributed:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
-
 
 class GeneratorStep(nn.Module):
     """The generator as one module (what DDP wraps): restored image and its latent z_h."""
@@ -102,63 +56,6 @@ class GeneratorStep(nn.Module):
         return m.decode(z_h), z_h
 
 
-def build_model(cfg: FitConfig) -> tuple[OneStepSR, bool, dict]:
-    from mordasr.model.io import base_path, load_checkpoint
-
-    r = cfg.run
-    torch.manual_seed(r.seed)  # every rank makes the same adapters
-    if r.preset == "sd21":
-        from mordasr.model.config import preset_config
-        from mordasr.model.sd21 import build_sd21
-
-        kind, changes, aware = ablation_settings(r.ablation, r.adapter, preset_config("sd21").adapter.r_routed)
-        model = build_sd21(r.sd_weights, r.clip_weights, random_weights=r.random_weights, adapter=kind,
-                           adapter_overrides=changes)
-        return model, aware, {"random_weights": r.random_weights}
-    model, meta = load_checkpoint(base_path(r.base), add_adapters=False)
-    if model.has_adapters:
-        raise MordasrError(f"{r.base} already holds adapters; start from a base checkpoint")
-    if model.config.preset != r.preset:
-        raise MordasrError(f"{r.base} is a {model.config.preset} checkpoint, the config says preset {r.preset}")
-    kind, changes, aware = ablation_settings(r.ablation, r.adapter, model.config.adapter.r_routed)
-    model.config.adapter.kind = kind
-    for key, value in changes.items():
-        setattr(model.config.adapter, key, value)
-    model.config.adapter.validate()
-    model.add_adapters()
-    return model, aware, {"random_weights": bool(meta.get("random_weights"))}
-
-
-def _lr_lambda(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
-def router_statistics(model: nn.Module, severity: torch.Tensor) -> dict:
-    """Active ranks per sample (mean over MoR layers) vs severity, and expert usage per slot."""
-    active, usage = [], []
-    for layer in model.modules():
-        if isinstance(layer, MoRLayer) and layer.last_routing is not None:
-            _, kept = layer.last_routing
-            routed = kept[:, : layer.n_experts].float().sum(-1) * layer.expert_size
-            active.append(layer.r_shared + routed)
-            usage.append(kept.float().mean(0))
-    if not active:
-        return {}
-    per_sample = torch.stack(active).mean(0).detach().cpu()
-    sev = severity.detach().float().cpu()
-    varied = len(sev) > 1 and sev.std() > 0 and per_sample.std() > 0
-    corr = float(torch.corrcoef(torch.stack([per_sample, sev]))[0, 1]) if varied else 0.0
-    slots = max(u.numel() for u in usage)
-    hist = torch.stack([F.pad(u.detach().cpu(), (0, slots - u.numel())) for u in usage]).mean(0)
-    return {"active_ranks": float(per_sample.mean()), "active_ranks_vs_severity": corr,
-            "expert_usage": [round(float(v), 4) for v in hist]}
-
-
 class FitTrainer:
     def __init__(self, cfg: FitConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> None:
         self.cfg, self.out, self.quiet = cfg, Path(out), quiet
@@ -171,7 +68,7 @@ class FitTrainer:
         self.params = self.model.adapter_parameters()
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(o.warmup_steps, cfg.run.steps))
+        self.sched = warmup_cosine(self.opt, cfg.run.steps, o.warmup_steps)
         self.perceptual, self.perceptual_name = perceptual_loss(cfg.loss.lpips_weights)
         self.perceptual.to(self.device)
         self.vsd = None
@@ -394,7 +291,7 @@ class FitTrainer:
             log.info("perceptual loss: %s", self.perceptual_name)
             if self.skipped:
                 log.warning("%d training images skipped (unreadable or too small)", self.skipped)
-        writer = _tensorboard(self.out) if self.dist.main else None
+        writer = tensorboard(self.out) if self.dist.main else None
         if self.step == 0 and not self.rows:
             self.rows.append({"step": 0, **self.validate()})
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc=f"fit {self.model.config.adapter.kind}",
@@ -425,7 +322,7 @@ class FitTrainer:
             if self.step % cfg.run.checkpoint_every == 0 or self.step == last:
                 if self.dist.main:
                     save_state(self.out, self.step, self.state(), cfg.run.keep_last)
-                    _write_metrics(self.out, self.rows)
+                    write_metrics(self.out, self.rows)
                 self.dist.barrier()
         bar.close()
         result = {"final": self.rows[-1], "first": self.rows[0], "perceptual": self.perceptual_name,
@@ -443,28 +340,7 @@ class FitTrainer:
                 save_checkpoint(self.model.eval(), self.out / "model",
                                 {"kind": "adapted", "random_weights": self.meta.get("random_weights", False),
                                  "training": self.cfg.to_dict(), "final_metrics": self.rows[-1]})
-            _write_metrics(self.out, self.rows)
+            write_metrics(self.out, self.rows)
         if writer is not None:
             writer.close()
         return result
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: metrics.csv always has the same numbers
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
-
-
-def _write_metrics(folder: Path, rows: list[dict]) -> None:
-    import io
-
-    from mordasr.runtime.atomic import atomic_write
-
-    buffer = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(folder / "metrics.csv", buffer.getvalue())

@@ -30,6 +30,16 @@ class RoutingContext:
     def __init__(self) -> None:
         self._scores: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("scores", default=None)
 
+    # A copied or unpickled model gets its own context (shared by its own layers), never a call's scores.
+    def __deepcopy__(self, memo: dict) -> "RoutingContext":
+        return RoutingContext()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
     @contextlib.contextmanager
     def scores_for(self, scores: torch.Tensor) -> Iterator[None]:
         token = self._scores.set(scores)

@@ -87,6 +87,8 @@ def write_weight_packs(bundle_dir: str | Path, graphs: Sequence[GraphSpec]) -> l
 
 
 def apply_pack(model: onnx.ModelProto, tensors: dict[str, np.ndarray]) -> onnx.ModelProto:
+    # The tests' oracle for the packs: bucket 0's graph with bucket k's pack applied must equal
+    # bucket k's own graph (the runtime applies packs through its backends instead).
     """A copy of ``model`` with the pack's tensors written over its initializers."""
     out = onnx.ModelProto.FromString(model.SerializeToString())
     known = {i.name: i for i in out.graph.initializer}

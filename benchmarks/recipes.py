@@ -11,6 +11,8 @@ target and machine scores the same inputs.
 - ``realesrgan-x4``: Real-ESRGAN's second-order chain with its default ranges, seeded per image.
 - ``noise-N``, ``blur-S``, ``jpeg-Q``: one degradation at one severity on top of bicubic x1/4,
   the per-severity grid of ``mordasr-bench``'s adapter comparison.
+- ``blur-1.5+noise-10``, ``noise-10+jpeg-60``, ``blur-1.5+jpeg-60``: mixtures of two (the MoR
+  study's ``mixture of two`` family).
 """
 
 from __future__ import annotations
@@ -61,12 +63,18 @@ def _recipes() -> dict[str, Recipe]:
               for n in (0, 5, 10, 20)]
     table += [Recipe(f"blur-{s}", f"blur {s} -> bicubic x1/4", blur_sigma=s) for s in (0.5, 1.5, 2.5)]
     table += [Recipe(f"jpeg-{q}", f"bicubic x1/4 + JPEG q{q}", jpeg_quality=q) for q in (30, 60, 90)]
+    table += [Recipe("blur-1.5+noise-10", "blur 1.5 -> bicubic x1/4 -> noise 10/255", blur_sigma=1.5,
+                     noise_sigma=10 / 255),
+              Recipe("noise-10+jpeg-60", "bicubic x1/4 -> noise 10/255 -> JPEG q60", noise_sigma=10 / 255,
+                     jpeg_quality=60),
+              Recipe("blur-1.5+jpeg-60", "blur 1.5 -> bicubic x1/4 -> JPEG q60", blur_sigma=1.5, jpeg_quality=60)]
     return {r.name: r for r in table}
 
 
 RECIPES = _recipes()
 STANDARD = ("bicubic-x4", "mixed-x4", "realesrgan-x4")
-SEVERITIES = tuple(name for name in RECIPES if name not in STANDARD)
+MIXTURES = ("blur-1.5+noise-10", "noise-10+jpeg-60", "blur-1.5+jpeg-60")
+SEVERITIES = tuple(name for name in RECIPES if name not in STANDARD + MIXTURES)
 
 
 def mod_crop(image: np.ndarray, multiple: int = SCALE) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from mordasr.errors import MordasrError
 from mordasr.runtime.cli_options import verbosity
+from mordasr.serving.retry import DEFAULT_ATTEMPTS
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -140,9 +141,48 @@ def run_serving_benchmark(bundle: Path, configs: list[tuple[int, int]], requests
             "rows": rows}
 
 
+def run_chaos_benchmark(bundle: Path, replicas: int, requests: int, clients: int, lr_size: int, bad_every: int,
+                        kill_after_s: float, attempts: int, max_batch_size: int, seed: int = 0,
+                        progress=print) -> dict:
+    """Deploy ``replicas`` replicas, warm them, and run ``chaos_load`` (benchmarks/chaos.py)."""
+    import os
+
+    from mordasr.benchmarks.chaos import chaos_load
+    from mordasr.benchmarks.measure import describe_machine
+    from mordasr.serving.app import ServiceConfig, build_app
+    from mordasr.serving.cli import shutdown, start
+    from mordasr.serving.retry import RetryPolicy
+
+    rng = np.random.default_rng(seed)
+    images = [_png(rng.integers(0, 255, (lr_size, lr_size, 3), dtype=np.uint8)) for _ in range(8)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ServiceConfig(bundle=str(bundle.resolve()), threads=1, max_batch_size=max_batch_size,
+                           retry=RetryPolicy(attempts=attempts))
+    try:
+        progress(f"deploying {replicas} replica(s)")
+        url = start(build_app(config, replicas=replicas, num_cpus=1), "127.0.0.1", port,
+                    num_cpus=max(os.cpu_count() or 1, replicas))
+        _load(url, images, 2 * replicas * clients, clients)  # warm every replica's sessions
+        progress(f"{requests} requests from {clients} clients; one replica killed after {kill_after_s:g} s")
+        results = chaos_load(url, images, requests, clients, bad_every, kill_after_s, replicas, progress)
+    finally:
+        shutdown()
+    return {**results, "chaos": True, "bundle": str(bundle), "replicas": replicas, "requests": requests,
+            "clients": clients, "lr_size": lr_size, "bad_every": bad_every, "kill_after_s": kill_after_s,
+            "attempts": attempts, "machine": describe_machine()}
+
+
 def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
     from mordasr.runtime.atomic import atomic_write
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if results.get("chaos"):
+        from mordasr.benchmarks.chaos import chaos_report
+
+        return [atomic_write(out_dir / "report.md", "\n".join(chaos_report(results)) + "\n"),
+                atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")]
     lines = [f"# Ray Serve scaling: {results['preset']} {results['mode']} bundle ({results['precision']})", "",
              f"{results['requests']} requests of {results['lr_size']}x{results['lr_size']} px "
              f"(-> {results['output_size']} px), {results['concurrency']} concurrent HTTP clients on loopback, "
@@ -161,7 +201,6 @@ def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
                      f"{row['errors']} |")
     lines += ["", "Latency is client-side (request sent to last byte received), so it includes queueing "
               "behind the other clients' requests."]
-    out_dir.mkdir(parents=True, exist_ok=True)
     return [atomic_write(out_dir / "report.md", "\n".join(lines) + "\n"),
             atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")]
 
@@ -180,19 +219,34 @@ def write_serving_report(results: dict, out_dir: Path) -> list[Path]:
 @click.option("--lr-size", type=click.IntRange(min=8), default=64, show_default=True,
               help="Side of the (random) low-resolution request images, px.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--chaos", is_flag=True,
+              help="Instead of scaling: serve with the first configuration's replicas, send --requests from "
+                   "--concurrency clients with one in --bad-every corrupt, kill one replica (SIGKILL) after "
+                   "--kill-after seconds, and count what was answered, retried and lost.")
+@click.option("--kill-after", type=click.FloatRange(min=0), default=4.0, show_default=True,
+              help="--chaos: seconds into the load when a replica is killed.")
+@click.option("--bad-every", type=click.IntRange(min=2), default=10, show_default=True,
+              help="--chaos: one request in this many is a corrupt PNG (must get 422).")
+@click.option("--attempts", type=click.IntRange(min=1), default=DEFAULT_ATTEMPTS, show_default=True,
+              help="--chaos: the service's --attempts (1: no retry, to see what a dead replica costs without).")
 @verbosity
 def main(bundle: Path, out_dir: Path, configs: str, requests: int, concurrency: int, lr_size: int,
-         max_batch_size: int, quiet: bool) -> None:
-    """Measure Ray Serve requests/s and latency of BUNDLE from 1 to N replicas in one run."""
+         max_batch_size: int, chaos: bool, kill_after: float, bad_every: int, attempts: int, quiet: bool) -> None:
+    """Measure Ray Serve requests/s and latency of BUNDLE from 1 to N replicas in one run, or
+    (--chaos) what a replica killed under load costs."""
     from mordasr.cli_errors import fail_on_errors
     from mordasr.lazy import import_optional
 
     with fail_on_errors("mordasr-bench-serve"):
         import_optional("ray.serve", "mordasr-bench-serve")
         parsed = parse_configs(configs)
-        results = run_serving_benchmark(bundle, parsed, requests, concurrency, lr_size, max_batch_size,
-                                        progress=(lambda _m: None) if quiet else
-                                        (lambda m: click.echo(f"bench-serve: {m}", err=True)))
+        progress = (lambda _m: None) if quiet else (lambda m: click.echo(f"bench-serve: {m}", err=True))
+        if chaos:
+            results = run_chaos_benchmark(bundle, parsed[0][0], requests, concurrency, lr_size, bad_every,
+                                          kill_after, attempts, max_batch_size, progress=progress)
+        else:
+            results = run_serving_benchmark(bundle, parsed, requests, concurrency, lr_size, max_batch_size,
+                                            progress=progress)
     files = write_serving_report(results, out_dir)
     if not quiet:
         click.echo(files[0].read_text())

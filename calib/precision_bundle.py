@@ -29,6 +29,7 @@ from mordasr.graphs.lint import check_bundle_graphs
 from mordasr.graphs.packs import write_weight_packs
 from mordasr.runtime.manifest import GraphSpec, Manifest, load_manifest, sha256_file
 from mordasr.runtime.pipeline import Restorer
+from mordasr.runtime.routing import nearest_bucket
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ def load_fp32_manifest(bundle: str | Path) -> Manifest:
 
 
 def collect_feeds(bundle: str | Path, images: list[np.ndarray], per_bucket: int):
-    """Inputs each graph receives while the FP32 bundle restores the calibration images.
+    """Inputs each graph receives while the FP32 bundle restores the calibration images; a folded
+    bundle restores each bucket's ``per_bucket`` nearest images through that bucket.
 
-    Returns ({graph key: [feeds]}, {bucket: [image indices]}).
+    Returns ({graph key: [feeds]}, {bucket: [image indices]}, {bucket: images the router sends it}).
     """
     feeds: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
 
@@ -86,13 +88,15 @@ def collect_feeds(bundle: str | Path, images: list[np.ndarray], per_bucket: int)
     if restorer.manifest.mode == "folded":
         scores = np.stack([restorer.scores(im) for im in images])
         split = split_per_bucket(scores, restorer.centres, per_bucket)
+        nearest = nearest_bucket(scores, restorer.centres)
         for bucket, indices in enumerate(split):
             for i in indices:
                 restorer.restore(images[i], bucket=bucket)
-        return feeds, {b: idx for b, idx in enumerate(split)}
+        return (feeds, {b: idx for b, idx in enumerate(split)},
+                {b: int((nearest == b).sum()) for b in range(len(split))})
     for image in images:
         restorer.restore(image)
-    return feeds, {}
+    return feeds, {}, {}
 
 
 def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
@@ -101,11 +105,15 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
                            keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT, source: str = "synthetic",
                            seed: int = 0, on_graph: Callable[[str], None] | None = None,
                            components: dict[str, str] | None = None,
-                           fp32_fallback: Iterable[str] = ()) -> Manifest:
+                           fp32_fallback: Iterable[str] = (), ranges_dir: str | Path | None = None,
+                           float_layers: dict[str, list[str]] | None = None) -> Manifest:
     """Write the ``precision`` version of the FP32 bundle ``src`` into the empty folder ``dst``.
 
     ``components`` overrides the precision per component; ``fp32_fallback`` names components whose
-    FP32 graphs ship too, for the runtime's non-finite guard.
+    FP32 graphs ship too, for the runtime's non-finite guard. INT8: each bucket's graphs calibrate
+    on the ``per_bucket`` images nearest its centre (routed to it, or forced through it when too
+    few are); ``ranges_dir`` keeps each graph's activation ranges (so the graph can be quantized
+    again without calibrating); ``float_layers`` names, per graph key, nodes kept float.
     """
     src, dst = Path(src), Path(dst)
     manifest = load_fp32_manifest(src)
@@ -123,9 +131,10 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
     if "int8" in chosen.values():
         if not images:
             raise MordasrError("INT8 needs calibration images (--calib-images must be at least 1)")
-        feeds, split = collect_feeds(src, images, per_bucket)
+        feeds, split, routed = collect_feeds(src, images, per_bucket)
         calibration.update({"method": method, "smoothquant": smoothquant, "images": len(images),
                             "per_bucket": {str(b): idx for b, idx in split.items()},
+                            "routed_per_bucket": {str(b): n for b, n in routed.items()},
                             "source": source, "seed": seed, "keep_float": list(keep_float)})
     if "fp16" in chosen.values():
         from mordasr.calib.fp16 import FP32_OPS
@@ -150,8 +159,10 @@ def build_precision_bundle(src: str | Path, dst: str | Path, precision: str, *,
             onnx.checker.check_model(converted, full_check=True)
             onnx.save(converted, str(dst / g.file))
         else:
+            ranges = Path(ranges_dir) / f"{g.key}.json" if ranges_dir is not None else None
             model = quantize_int8(src / g.file, dst / g.file, feeds.get(g.key, []), keep_float=keep_float,
-                                  method=method, smoothquant=smoothquant)
+                                  method=method, smoothquant=smoothquant, ranges=ranges,
+                                  float_layers=(float_layers or {}).get(g.key, ()))
             problems = lint_qdq(model)
             if problems:
                 raise MordasrError(f"{g.file}: Q/DQ lint failed ({len(problems)} problems), first: {problems[0]}")

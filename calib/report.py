@@ -102,13 +102,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def failing_rows(rows: list[dict], min_psnr: float | None, precision: str) -> list[dict]:
-    bad = [r for r in rows if r["precision"] == precision and not r["finite"]]
-    if min_psnr is not None:
-        bad += [r for r in rows if r["precision"] == precision and r["psnr_vs_fp32_torch"] < min_psnr]
-    return bad
-
-
 def write_report(rows: list[dict], folder: str | Path, title: str, notes: list[str]) -> None:
     folder = Path(folder)
     (folder / "accuracy.json").write_text(json.dumps({"title": title, "rows": rows, "notes": notes}, indent=2) + "\n")

@@ -17,7 +17,6 @@ def calibration_scores(model: OneStepSR, samples: int = 256, crop: int = 128, se
     """Estimator scores (samples, D) of degraded crops of the training photographs."""
     from mordasr.data.degradations import degraded_batch
     from mordasr.data.samples import CropSampler, sample_images
-    from mordasr.training.common import nchw
 
     rng = np.random.default_rng(seed)
     sampler = CropSampler(sample_images("train"), crop, seed)
@@ -26,7 +25,7 @@ def calibration_scores(model: OneStepSR, samples: int = 256, crop: int = 128, se
         for start in range(0, samples, 64):
             hr = sampler.sample(min(64, samples - start))
             lr, _, _ = degraded_batch(hr, model.config.scale, rng)
-            scores.append(model.estimate(nchw(lr)).numpy())
+            scores.append(model.estimate(torch.from_numpy(np.ascontiguousarray(lr.transpose(0, 3, 1, 2)))).numpy())
     return np.concatenate(scores)
 
 

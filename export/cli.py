@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mordasr.calib.gate import DEFAULT_MAX_HR_LOSS, DEFAULT_MIN_PSNR
 from mordasr.cli_errors import fail_on_errors
 from mordasr.runtime.cli_options import precision_map_options, verbosity
 from mordasr.runtime.manifest import MODES
@@ -82,16 +83,18 @@ from mordasr.runtime.manifest import MODES
               help="Also quantize to INT8 with explicit Q/DQ, calibrated per bucket on synthetic "
                    "degradations (see mordasr-calib for the options): OUT gets the INT8 bundle, "
                    "OUT-fp32 the FP32 one.")
-@click.option("--min-psnr", type=float, default=None,
-              help="With --fp16/--int8: refuse the bundle when a bucket's PSNR vs FP32 PyTorch is below this (dB).")
+@click.option("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, show_default=True,
+              help="With --fp16/--int8: the accuracy gate's floor, every bucket's PSNR vs FP32 PyTorch (dB).")
+@click.option("--max-hr-loss", type=click.FloatRange(min=0), default=DEFAULT_MAX_HR_LOSS, show_default=True,
+              help="With --fp16/--int8: the most PSNR against HR a bucket may lose relative to FP32 (dB).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @verbosity
 def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket_placement: str,
          calib_samples: int, no_weight_packs: bool, device: str | None, min_size: str, opt_size: str,
          max_size: str, component_precision: str | None, fp32_fallback: tuple[str, ...], refittable: bool,
          max_batch: int | None, workspace_mb: int | None, opt_level: int | None, strongly_typed: bool, build_now: bool,
-         triton_dir: Path | None, opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float | None,
-         force: bool, quiet: bool) -> None:
+         triton_dir: Path | None, opset: int, no_slim: bool, seed: int, precision: str | None, min_psnr: float,
+         max_hr_loss: float, force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a folder written by mordasr-train) to an ONNX bundle.
 
     Graphs: router (CLIP image tower + stored prompt embeddings -> scores), encoder (bicubic
@@ -123,9 +126,10 @@ def main(checkpoint: Path, out: Path, mode: str | None, num_buckets: int, bucket
             calib_samples=calib_samples, weight_packs=not no_weight_packs, device=device,
             sizes={"min": min_size, "opt": opt_size, "max": max_size},
             component_precision=parse_precision_map(component_precision), fp32_fallback=fp32_fallback,
-            precision=precision, min_psnr=min_psnr, refittable=refittable, max_batch=max_batch,
-            workspace_mb=workspace_mb, optimization_level=opt_level, strongly_typed=strongly_typed,
-            build_engines=build_now, triton_dir=triton_dir, opset=opset, slim=not no_slim, seed=seed, force=force,
+            precision=precision, min_psnr=min_psnr, max_hr_loss=max_hr_loss, refittable=refittable,
+            max_batch=max_batch, workspace_mb=workspace_mb, optimization_level=opt_level,
+            strongly_typed=strongly_typed, build_engines=build_now, triton_dir=triton_dir, opset=opset,
+            slim=not no_slim, seed=seed, force=force,
             quiet=quiet)
         try:
             result = run_export(request, note=lambda text: click.echo(f"note: {text}", err=True), on_graph=on_graph)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mordasr.calib.gate import DEFAULT_MAX_HR_LOSS, DEFAULT_MIN_PSNR
 from mordasr.errors import MordasrError
 from mordasr.export.device_plan import ExportPlan
 from mordasr.export.memory import MemoryEstimate
@@ -45,7 +46,8 @@ class ExportRequest:
     component_precision: dict[str, str] | None = None
     fp32_fallback: tuple[str, ...] = ()
     precision: str | None = None  # fp16 / int8: OUT gets it, OUT-fp32 the FP32 bundle
-    min_psnr: float | None = None
+    min_psnr: float = DEFAULT_MIN_PSNR  # the accuracy gate of --fp16 / --int8 (calib/gate.py)
+    max_hr_loss: float = DEFAULT_MAX_HR_LOSS
     refittable: bool = False
     max_batch: int | None = None
     workspace_mb: int | None = None
@@ -170,13 +172,15 @@ def _export_staged(request: ExportRequest, model, meta: dict, plan: ExportPlan, 
                      on_graph=on_graph)
         if headline:
             from mordasr.calib.calibrate import DEFAULT_CALIB_IMAGES, DEFAULT_EVAL_IMAGES, calibrate
+            from mordasr.calib.gate import Gate
             from mordasr.calib.int8 import DEFAULT_KEEP_FLOAT
 
             calibrate(staged_fp32, staged_out, headline, checkpoint=request.checkpoint,
                       calib_images=DEFAULT_CALIB_IMAGES, calib_dir=None, method="minmax", smoothquant=False,
-                      keep_float=DEFAULT_KEEP_FLOAT, min_psnr=request.min_psnr, eval_images=DEFAULT_EVAL_IMAGES,
-                      seed=request.seed, force=True, quiet=request.quiet, components=plan.precisions,
-                      fp32_fallback=plan.fp32_fallback)
+                      keep_float=DEFAULT_KEEP_FLOAT, gate=Gate(request.min_psnr, request.max_hr_loss),
+                      eval_images=DEFAULT_EVAL_IMAGES, seed=request.seed, force=True, quiet=request.quiet,
+                      components=plan.precisions, fp32_fallback=plan.fp32_fallback,
+                      failed_to=out.with_name(out.name + ".failed"))
         return [staged_fp32] + ([staged_out] if headline else [])
 
     estimate, switch, written = export_to_fit(plan, staged_out, export_mode, note)

@@ -50,6 +50,7 @@ class AdapterConfig:
     encoder_targets: tuple[str, ...] = ENCODER_TARGETS
     unet_targets: tuple[str, ...] = UNET_TARGETS
     adaptir_ratio: int = 24  # AdaptIR hidden width = d_model / ratio (24 in the paper's IPT setup)
+    adaptir_hidden: int | None = None  # an explicit AdaptIR hidden width instead (to match a parameter budget)
     expert_size: int = 1  # MoR ranks per routed expert (>1: module-level LoRA-MoE ablation)
     # Dense LoRA only, as peft's LoraConfig: per-module rank and alpha, keyed by the adapted
     # module's full name in OneStepSR ("unet.conv_in", "vae.encoder.conv_in", "vae.quant_conv").

@@ -51,7 +51,7 @@ def inject_adapters(root: nn.Module, targets: Iterable[str], config: AdapterConf
     return adapted
 
 
-def inject_adaptir(unet: nn.Module, ratio: int) -> list[str]:
+def inject_adaptir(unet: nn.Module, ratio: int, hidden: int | None = None) -> list[str]:
     """Put an AdaptIR module parallel to the feed-forward of every transformer block of ``unet``.
 
     Each ``Transformer2DModel`` gets a pre-hook that records its input's (H, W): its blocks see
@@ -70,7 +70,7 @@ def inject_adaptir(unet: nn.Module, ratio: int) -> list[str]:
         module.register_forward_pre_hook(shape.hook, with_kwargs=True)
         for i, block in enumerate(blocks):
             if isinstance(block, BasicTransformerBlock):
-                block.ff = FeedForwardWithAdaptIR(block.ff, block.dim, ratio, shape)
+                block.ff = FeedForwardWithAdaptIR(block.ff, block.dim, ratio, shape, hidden)
                 adapted.append(f"{name}.transformer_blocks.{i}.ff")
     if not adapted:
         raise ValueError("the UNet has no transformer blocks to put AdaptIR on")

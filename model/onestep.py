@@ -50,7 +50,7 @@ class OneStepSR(nn.Module):
         cfg = self.config.adapter
         d = self.config.num_degradations
         if cfg.kind == "adaptir":  # on the UNet's transformer blocks only, as in the paper
-            names = ["unet." + n for n in inject_adaptir(self.unet, cfg.adaptir_ratio)]
+            names = ["unet." + n for n in inject_adaptir(self.unet, cfg.adaptir_ratio, cfg.adaptir_hidden)]
             self.has_adapters = True
             self.freeze_base()
             return names

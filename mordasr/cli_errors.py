@@ -40,7 +40,7 @@ def fail_on_errors(prog: str | None = None,
     try:
         yield
     except errors as err:
-        raise CommandError(first_line(err), prog) from None
+        raise CommandError(first_line(err), prog, getattr(err, "exit_code", 2)) from None
 
 
 def failer(prog: str) -> Callable[..., NoReturn]:

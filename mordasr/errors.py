@@ -2,7 +2,10 @@
 
 
 class MordasrError(Exception):
-    """Base class: ``str(err)`` is a one-line reason that a CLI prints as is."""
+    """Base class: ``str(err)`` is a one-line reason that a CLI prints as is, exiting with
+    ``exit_code`` (2: the input or the environment is wrong)."""
+
+    exit_code = 2
 
 
 class BundleError(MordasrError):
@@ -15,6 +18,12 @@ class ImageError(MordasrError):
 
 class CheckpointError(MordasrError):
     """A model checkpoint is missing, corrupted or does not match the requested preset."""
+
+
+class AccuracyGateFailed(MordasrError):
+    """A reduced-precision bundle ran, but a bucket missed the accuracy gate; it was kept aside."""
+
+    exit_code = 1
 
 
 class ImageTooLarge(ImageError):

@@ -19,7 +19,7 @@ from mordasr.errors import MordasrError
 T = TypeVar("T")
 
 
-class RecordError(MordasrError):
+class RecordError(MordasrError, ValueError):
     """Data that does not fit the dataclass it is read into."""
 
 

@@ -1,4 +1,4 @@
-"""Build ``mordasr-runtime``: the lean runtime alone (numpy, Pillow, onnxruntime; no torch).
+"""Build ``mordasr-runtime``: the lean runtime alone (numpy, Pillow, onnxruntime, onnx; no torch).
 
     python packaging/build_runtime_wheel.py -o dist/
 
@@ -33,7 +33,7 @@ description = "The lean MoR-DASR runtime: run mordasr bundles with ONNX Runtime 
 requires-python = ">=3.10"
 license = {{ text = "Apache-2.0" }}
 dependencies = ["numpy>=1.24", "pillow>=10.2", "click>=8.1", "tqdm>=4.66", "onnxruntime>=1.18",
-                "safetensors>=0.4"]
+                "safetensors>=0.4", "onnx>=1.16"]
 
 [project.optional-dependencies]
 tensorrt = ["tensorrt>=10.0", "cuda-python>=12.0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from mordasr.runtime.cli_options import (
     verbosity,
 )
 from mordasr.runtime.images import IMAGE_SUFFIXES, read_image
+from mordasr.runtime.signals import DEFAULT_GRACE_S
 
 _fail = failer("mordasr-run")
 log = logging.getLogger("mordasr.runtime")
@@ -139,13 +141,16 @@ def _compare(input_path: Path, bundle: Path, specs: str, max_pixels: int) -> Non
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="--ray: runtime workers (actors), each holding the bundle once [default: the "
                    "cluster's CPUs / --threads].")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GRACE_S, show_default=True,
+              help="--ray: on SIGTERM/SIGINT, seconds to let images in flight finish (the others are left for "
+                   "--skip-existing) before Ray is shut down and the command exits 0; a second signal exits at once.")
 @click.option("--dry-run", is_flag=True, help="List what would be written, and run nothing.")
 @verbosity
 def main(input_path: Path, output: Path | None, bundle: Path, backend: str, bucket_switch: str | None,
          max_engines: int | None, compare_backends: str | None, threads: int | None, fmt: str | None,
          max_pixels: int, tile: int | None, tile_overlap: int | None, tile_window: str, tile_routing: bool,
          color_fix: str, bit_depth: str, no_alpha: bool, skip_existing: bool, use_ray: bool,
-         address: str | None, workers: int | None, dry_run: bool, quiet: bool) -> None:
+         address: str | None, workers: int | None, grace_s: float, dry_run: bool, quiet: bool) -> None:
     """Super-resolve INPUT (an image file, or a folder searched recursively) with a bundle.
 
     The degradation router scores each image; a folded bundle then runs the graphs of the
@@ -200,11 +205,18 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
                                  max_pixels=max_pixels)
     reporter = _Reporter(len(jobs), quiet)
     if use_ray:
-        try:
-            from mordasr.serving.batch import restore_with_ray
+        from mordasr.runtime.ray_folder import restore_with_ray
+        from mordasr.runtime.signals import GracefulStop
 
-            summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
-                                       cpus_per_worker=threads or 1, address=address, on_result=reporter)
+        def stopping(signum: int) -> None:
+            log.warning("%s: finishing the images in flight (up to %g s), then stopping; a second signal "
+                        "stops at once", signal.Signals(signum).name, grace_s)
+
+        try:
+            with GracefulStop("mordasr-run", on_first=stopping) as stop:
+                summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
+                                           cpus_per_worker=threads or 1, address=address, on_result=reporter,
+                                           stop=stop.requested, grace_s=grace_s)
         except MordasrError as err:
             _fail(str(err))
     else:
@@ -219,6 +231,9 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
     reporter.close()
     if use_ray and not quiet:
         click.echo(f"ray: {summary.done} restored by {summary.workers} workers in {summary.seconds:.1f} s")
+    if use_ray and summary.not_started:
+        click.echo(f"mordasr-run: stopped; {summary.not_started} images not restored (run again with "
+                   "--skip-existing to finish)", err=True)
     if skipped and not quiet:
         click.echo(f"skipped {len(skipped)} images whose output exists")
     if reporter.failures:

@@ -20,8 +20,11 @@ from mordasr.runtime.cli_options import (
     tile_option,
     verbosity,
 )
+from mordasr.runtime.signals import DEFAULT_GRACE_S, GracefulStop, run_bounded, wait_until
 from mordasr.runtime.tiling import Tiling
+from mordasr.serving.app import DEFAULT_MAX_QUEUED_PER_REPLICA
 from mordasr.serving.requests import DEFAULT_MAX_BYTES
+from mordasr.serving.retry import DEFAULT_ATTEMPTS
 
 _fail = failer("mordasr-serve")
 
@@ -53,13 +56,23 @@ _fail = failer("mordasr-serve")
 @max_pixels_option("Largest input image in pixels; larger ones get 413 before their pixels are decoded.")
 @tile_option
 @color_fix_option
+@click.option("--max-queued-per-replica", type=click.IntRange(min=1), default=DEFAULT_MAX_QUEUED_PER_REPLICA,
+              show_default=True,
+              help="Requests waiting per replica beyond the batch it runs; past that the answer is 503 with "
+                   "Retry-After at once, so the backlog (and its memory) stays bounded.")
+@click.option("--attempts", type=click.IntRange(min=1), default=DEFAULT_ATTEMPTS, show_default=True,
+              help="Tries of a request whose replica died (restoring is idempotent); then 503 with Retry-After.")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GRACE_S, show_default=True,
+              help="On SIGTERM/SIGINT: seconds to finish the requests in flight (new ones get 503) before Ray "
+                   "shuts down and the command exits 0; a second signal exits at once.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Write the service URL to this file once it answers (for scripts and tests).")
 @verbosity
 def main(bundle: Path, host: str, port: int, route: str, address: str | None, replicas: int,
          cpus_per_replica: float, gpus_per_replica: float, backend: str, threads: int | None,
          bucket_switch: str | None, max_batch_size: int, batch_wait_ms: float, max_bytes: int, max_pixels: int,
-         tile: int | None, color_fix: str, ready_file: Path | None) -> None:
+         tile: int | None, color_fix: str, max_queued_per_replica: int, attempts: int, grace_s: float,
+         ready_file: Path | None) -> None:
     """Serve BUNDLE over HTTP: POST an image, get the restored image back.
 
     \b
@@ -73,37 +86,69 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
     {"error", "status"}: 413 for a body or image over the limits, 415 for another content type,
     422 for a corrupt image, 500 for a runtime failure; the replica goes on serving.
 
+    A request whose replica dies is retried on another (--attempts; the answer's
+    x-mordasr-attempts header counts them); when every replica is busy and its queue is full
+    (--max-queued-per-replica) the answer is 503 with Retry-After at once. A request may set
+    x-mordasr-deadline-s: past it the answer is 504 and its work is dropped.
+
     Requests arriving together are batched per replica (--max-batch-size, --batch-wait-ms).
-    Starts a local Ray (or joins --address) and runs until interrupted (Ctrl-C).
+    Starts a local Ray (or joins --address) and runs until SIGTERM or Ctrl-C: then new requests
+    get 503, those in flight finish (up to --grace seconds), Ray shuts down and the command exits 0.
     """
     from mordasr.serving.app import ServiceConfig, build_app
     from mordasr.serving.requests import RequestLimits
+    from mordasr.serving.retry import RetryPolicy
 
     config = ServiceConfig(bundle=str(bundle.resolve()), backend=backend,
                            threads=threads or max(1, int(cpus_per_replica)), bucket_switch=bucket_switch,
                            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
                            limits=RequestLimits(max_bytes, max_pixels),
-                           restore={"tiling": Tiling(tile=tile), "color_fix": color_fix})
-    try:
-        app = build_app(config, replicas=replicas, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
-    except MordasrError as err:
-        _fail(str(err))
-    url = start(app, host, port, route, address)
-    click.echo(f"mordasr-serve: {replicas} replica(s) of {bundle} on {url} (GET {url.rstrip('/')}/healthz); "
-               "Ctrl-C stops", err=True)
-    if ready_file:
-        from mordasr.runtime.atomic import atomic_write
+                           restore={"tiling": Tiling(tile=tile), "color_fix": color_fix},
+                           max_queued_per_replica=max_queued_per_replica, retry=RetryPolicy(attempts=attempts))
+    with GracefulStop("mordasr-serve") as stop:
+        try:
+            app = build_app(config, replicas=replicas, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
+                            grace_s=grace_s)
+        except MordasrError as err:
+            _fail(str(err))
+        url = start(app, host, port, route, address)
+        click.echo(f"mordasr-serve: {replicas} replica(s) of {bundle} on {url} (GET {url.rstrip('/')}/healthz); "
+                   "Ctrl-C or SIGTERM stops", err=True)
+        if ready_file:
+            from mordasr.runtime.atomic import atomic_write
 
-        atomic_write(ready_file, url + "\n")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+            atomic_write(ready_file, url + "\n")
+        stop.wait()
+        name = signal.Signals(stop.signal or signal.SIGTERM).name
+        click.echo(f"mordasr-serve: {name}: refusing new requests, finishing those in flight (up to {grace_s:g} s; "
+                   "a second signal stops at once)", err=True)
+        begun = time.monotonic()
+        left = drain(grace_s)
+        stopped = shutdown(timeout_s=30.0)
+        click.echo(f"mordasr-serve: stopped in {time.monotonic() - begun:.1f} s"
+                   + (f"; {left} request(s) still in flight were dropped" if left else "")
+                   + ("" if stopped else "; Ray did not shut down in 30 s and was left to exit with us"), err=True)
+
+
+def drain(grace_s: float) -> int:
+    """Make the ingress refuse new requests and wait (up to ``grace_s``) for those in flight;
+    returns how many are still in flight."""
+    serve = import_optional("ray.serve", "mordasr-serve")
     try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        shutdown()
+        ingress = serve.get_app_handle("mordasr")
+        pending = [ingress.drain.remote().result(timeout_s=10)]
+    except Exception:  # no app (it failed to deploy) or Ray already gone: nothing to drain
+        return 0
+
+    def finished() -> bool:
+        try:
+            pending[0] = ingress.pending.remote().result(timeout_s=5)
+        except Exception:
+            pending[0] = 0
+        return pending[0] == 0
+
+    wait_until(finished, grace_s, poll_s=0.2)
+    return pending[0]
 
 
 def start(app, host: str, port: int, route: str = "/", address: str | None = None,
@@ -120,11 +165,19 @@ def start(app, host: str, port: int, route: str = "/", address: str | None = Non
     return f"http://{host}:{port}{route}"
 
 
-def shutdown() -> None:
+def shutdown(timeout_s: float = 30.0) -> bool:
+    """Shut Serve (its replicas wait for their own requests) and Ray down; whether that finished
+    within ``timeout_s``. When a signal sent to the whole process group has already killed Ray's
+    processes, ``serve.shutdown`` can wait for them forever; it is then left behind."""
     ray, serve = import_optional("ray", "mordasr-serve"), import_optional("ray.serve", "mordasr-serve")
 
-    serve.shutdown()
-    ray.shutdown()
+    def stop_all() -> None:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    return run_bounded(stop_all, timeout_s)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mordasr.benchmarks.cli import main as bench_main
 from mordasr.benchmarks.measure import graph_flops, time_call
-from mordasr.benchmarks.runner import BenchConfig, interleaved_ratios, targets
+from mordasr.benchmarks.runner import BenchConfig, interleaved_ratios, precision_ratios, targets
 from mordasr.errors import MordasrError
 
 FAST = ["--train-steps", "2", "--iterations", "2", "--warmup", "1", "--rounds", "2", "--lr-size", "16",
@@ -41,6 +41,20 @@ def report(tmp_path_factory):
     return out
 
 
+def test_bench_smoke(tmp_path):
+    """The benchmark's path, fast: folded MoR against merged dense LoRA, one precision."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(bench_main, ["--out", str(out), *FAST, "--variants", "mor-folded,dense-lora",
+                                             "--bucket-sweep", "1", "--buckets", "1"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results["variants"]] == ["mor-folded", "dense-lora"]
+    assert all(math.isfinite(r["latency"]["p50_ms"]) and r["latency"]["p50_ms"] > 0 for r in results["variants"])
+    assert any(t["target"].startswith("folded UNet latency / merged dense-LoRA UNet latency")
+               for t in results["targets"])
+
+
+@pytest.mark.slow
 def test_report_files_and_structure(report):
     names = {p.name for p in report.iterdir()}
     assert {"report.md", "report.html", "results.json", "latency.png", "resolution.png", "buckets.png",
@@ -98,6 +112,7 @@ def test_bundles_are_labelled_random_only_when_their_weights_are(tmp_path, tiny_
     assert labels == [False]
 
 
+@pytest.mark.slow
 def test_every_number_is_measured(report):
     results = json.loads((report / "results.json").read_text())
     numbers = list(_numbers(results))
@@ -122,9 +137,9 @@ def test_every_number_is_measured(report):
 def test_bad_input(tmp_path):
     runner = CliRunner()
     result = runner.invoke(bench_main, ["--out", str(tmp_path / "r"), "--variants", "mor-folded,sparse"])
-    assert result.exit_code == 2 and "unknown variant 'sparse'" in result.output
+    assert result.exit_code == 2 and "--variants: unknown value 'sparse'" in result.output
     result = runner.invoke(bench_main, ["--out", str(tmp_path / "r"), "--backend", "openvino"])
-    assert result.exit_code == 2 and "unknown backend 'openvino'" in result.output
+    assert result.exit_code == 2 and "'openvino' is not one of" in result.output
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = runner.invoke(bench_main, ["--out", str(blocker / "sub")])
@@ -162,6 +177,14 @@ def test_time_call_and_targets():
     wide = targets([], [{"target": "t", "ratio": 0.98, "ci95": [0.90, 1.06], "rounds": 3, "limit": 1.0}])
     assert not wide[0]["met"]
     assert not found["runtime overhead over raw session time, dense-lora (fp32)"]["met"]
+    # INT8 against FP32 end to end, per variant: met at 1/1.5 of FP32's time, not at 1/1.2
+    speeds = precision_ratios({("mor-folded", "fp32"): taking(3), ("mor-folded", "int8"): taking(1.5),
+                               ("dense-lora", "fp32"): taking(3), ("dense-lora", "int8"): taking(2.5),
+                               ("mor-gated", "int8"): taking(1)}, rounds=5, clock=lambda: now[0])
+    found = {t["target"]: t for t in targets([], speeds)}
+    assert set(found) == {"end-to-end latency, int8 / fp32, mor-folded", "end-to-end latency, int8 / fp32, dense-lora"}
+    assert found["end-to-end latency, int8 / fp32, mor-folded"]["met"]
+    assert not found["end-to-end latency, int8 / fp32, dense-lora"]["met"]
 
 
 def test_graph_flops_counts_conv_and_matmul(tmp_path):

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mordasr.calib.cli import main as calib_main
 from mordasr.calib.data import folder_images, split_per_bucket, synthetic_images
+from mordasr.calib.gate import DEFAULT_MIN_PSNR
 from mordasr.calib.precision_bundle import build_precision_bundle
 from mordasr.calib.qdq_lint import lint_qdq
 from mordasr.errors import BundleError, MordasrError
@@ -31,7 +32,7 @@ def checkpoint(tiny_model, tmp_path_factory):
 def int8_bundle(folded_bundle, checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "int8"
     result = CliRunner().invoke(calib_main, [str(folded_bundle), "-o", str(out), "--precision", "int8",
-                                             "--checkpoint", str(checkpoint), "--calib-images", "8",
+                                             "--checkpoint", str(checkpoint), "--calib-images", "16",
                                              "--eval-images", "2", "-q"])
     assert result.exit_code == 0, result.output
     return out
@@ -41,7 +42,7 @@ def test_int8_bundle_runs_and_passes_lint(int8_bundle):
     manifest = load_manifest(int8_bundle)
     assert manifest.precision == "int8"
     assert {g.component: g.precision for g in manifest.graphs}["router"] == "fp32"
-    assert manifest.calibration["method"] == "minmax" and manifest.calibration["images"] == 8
+    assert manifest.calibration["method"] == "minmax" and manifest.calibration["images"] == 16
     assert set(manifest.calibration["per_bucket"]) == {"0", "1"}
     for g in manifest.graphs:
         model = onnx.load(str(int8_bundle / g.file))
@@ -69,7 +70,7 @@ def test_int8_report_is_measured(int8_bundle):
     assert "| precision |" in (int8_bundle / "accuracy.md").read_text()
 
 
-INT8_FLOOR_DB = 30.0  # README: an INT8 bundle stays >= 30 dB PSNR from FP32 PyTorch on every bucket
+INT8_FLOOR_DB = DEFAULT_MIN_PSNR  # README: every bucket of an INT8 bundle is >= 35 dB from FP32 PyTorch
 
 
 def test_int8_accuracy_floor_is_the_reports_and_the_report_is_the_bundles(int8_bundle, tiny_model):
@@ -166,8 +167,9 @@ def test_min_psnr_rejects_and_keeps_aside(folded_bundle, checkpoint, tmp_path):
     out = tmp_path / "int8"
     result = CliRunner().invoke(calib_main, [str(folded_bundle), "-o", str(out), "--precision", "int8",
                                              "--checkpoint", str(checkpoint), "--calib-images", "4",
-                                             "--eval-images", "1", "--min-psnr", "200", "-q"])
-    assert result.exit_code == 1 and "failed the accuracy check" in result.stderr
+                                             "--min-per-bucket", "2", "--eval-images", "1", "--min-psnr", "200",
+                                             "--no-mixed-precision", "-q"])
+    assert result.exit_code == 1 and "failed the accuracy gate" in result.stderr
     assert not out.exists() and (tmp_path / "int8.failed" / "accuracy.md").is_file()
 
 
@@ -292,3 +294,132 @@ def test_calib_finds_the_source_checkpoint_from_any_directory(checkpoint, tmp_pa
     result = CliRunner().invoke(calib_main, [str(tmp_path / "moved" / "bundle"), "-o", "fp16b", "--precision",
                                              "fp16", "--eval-images", "1", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_starved_int8_calibration_is_refused_before_anything_is_written(folded_bundle, checkpoint, tmp_path):
+    """Fewer calibration images than every bucket needs: refused with the minimum named, and
+    nothing at OUT, at OUT.failed or in a staging folder beside them."""
+    result = CliRunner().invoke(calib_main, [str(folded_bundle), "-o", str(tmp_path / "int8"), "--precision", "int8",
+                                             "--checkpoint", str(checkpoint), "--calib-images", "8", "-q"])
+    assert result.exit_code == 2 and "needs at least 16 images" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_bucket_calibrates_on_its_minimum(int8_bundle):
+    """Each bucket's graphs calibrate on --min-per-bucket (16) images, its nearest, however few the
+    router sends it; the manifest records both counts."""
+    calibration = load_manifest(int8_bundle).calibration
+    assert {b: len(idx) for b, idx in calibration["per_bucket"].items()} == {"0": 16, "1": 16}
+    assert sum(calibration["routed_per_bucket"].values()) == 16
+    assert calibration["gate"] == {"min_psnr": 35.0, "max_hr_loss": 0.15} and calibration["gate_failures"] == []
+
+
+FRAGILE = "/unet/up_blocks.3/resnets.1/conv2/Conv"
+
+
+def _fragile_checkpoint(tmp_path):
+    """The test model with one layer INT8 cannot hold: conv2 of the last UNet block gets a weight
+    column 300x its largest weight on an input channel that is always zero (its GroupNorm scale
+    and shift are 0), so FP32 is unchanged while the per-channel INT8 scale rounds every other
+    weight of that layer to zero."""
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model()
+    block = model.unet.up_blocks[3].resnets[1]
+    with torch.no_grad():
+        block.norm2.weight[0] = 0
+        block.norm2.bias[0] = 0
+        weight = block.conv2.base_layer.weight
+        weight[:, 0] = 300 * weight.abs().max()
+    return model, save_checkpoint(model, tmp_path / "fragile")
+
+
+def test_mixed_precision_keeps_the_fragile_layer_float(tiny_buckets, tmp_path):
+    from mordasr.calib.calibrate import calibrate
+    from mordasr.calib.gate import Gate
+    from mordasr.errors import AccuracyGateFailed
+    from mordasr.export.bundle import export_bundle
+
+    model, checkpoint = _fragile_checkpoint(tmp_path)
+    export_bundle(model, tmp_path / "fp32", "folded", tiny_buckets[:1])
+    # The test model's UNet barely moves its output (INT8 of every UNet layer stays ~60 dB from
+    # FP32), so the floor is raised to where the fragile layer (~47 dB) breaks it.
+    common = dict(checkpoint=checkpoint, calib_images=4, calib_dir=None, method="minmax", smoothquant=False,
+                  keep_float=("conv_in", "conv_out", "time_emb"), gate=Gate(min_psnr=52), eval_images=1, seed=0,
+                  force=False, quiet=True, components={"unet": "int8", "encoder": "fp32", "decoder": "fp32"},
+                  min_per_bucket=2)
+    with pytest.raises(AccuracyGateFailed, match="below the 52 dB floor"):
+        calibrate(tmp_path / "fp32", tmp_path / "plain", "int8", mixed_precision=False, **common)
+    assert not (tmp_path / "plain").exists() and (tmp_path / "plain.failed" / "manifest.json").is_file()
+    rows = calibrate(tmp_path / "fp32", tmp_path / "mixed", "int8", **common)
+    assert all(r["psnr_vs_fp32_torch"] >= 52 for r in rows)
+    manifest = load_manifest(tmp_path / "mixed")
+    kept = manifest.calibration["mixed_precision"]
+    assert {key: info["float_layers"] for key, info in kept.items()} == {"unet.b0": [FRAGILE]}
+    assert all(info["latency_ratio"] > 0 for info in kept.values())
+    from mordasr.calib.int8 import quantized_layers
+
+    for key in kept:
+        graph = onnx.load(str(tmp_path / "mixed" / next(g.file for g in manifest.graphs if g.key == key)))
+        assert FRAGILE not in quantized_layers(graph) and len(quantized_layers(graph)) > 20
+        assert lint_qdq(graph) == []
+    assert FRAGILE in (tmp_path / "mixed" / "accuracy.md").read_text()
+
+
+def test_int8_graphs_run_on_integer_kernels_on_cpu(int8_bundle, tmp_path):
+    """Every quantized Conv of the INT8 graphs becomes a QLinearConv in ONNX Runtime's optimized
+    CPU graph once the runtime hands it uint8 activations (runtime/qdq_cpu.py), and a SiLU after
+    one runs as QLinearSigmoid/QLinearMul; the rewrite changes no value."""
+    import onnxruntime as ort
+
+    from mordasr.calib.int8 import quantized_layers
+    from mordasr.runtime.qdq_cpu import cpu_graph, uint8_activations
+
+    manifest = load_manifest(int8_bundle)
+    for component in ("encoder", "unet", "decoder"):
+        graph = manifest.graph(component, 0)
+        model = onnx.load(str(int8_bundle / graph.file))
+        layers = set(quantized_layers(model))
+        convs = [n for n in model.graph.node if n.name in layers and n.op_type == "Conv"]
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{component}.opt.onnx")
+        ort.InferenceSession(cpu_graph(int8_bundle / graph.file), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert ops.count("QLinearConv") == len(convs) > 0, (component, ops.count("QLinearConv"), len(convs))
+        if component != "unet":  # the UNet's SiLUs follow its norms, not its convs
+            assert "QLinearSigmoid" in ops and "QLinearMul" in ops
+        plain = ort.SessionOptions()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        feeds = {i.name: np.random.default_rng(1).standard_normal(
+            [d if isinstance(d, int) else 8 for d in i.shape]).astype(np.float32)
+            for i in ort.InferenceSession(str(int8_bundle / graph.file), plain).get_inputs()}
+        before = ort.InferenceSession(str(int8_bundle / graph.file), plain).run(None, feeds)[0]
+        after = ort.InferenceSession(uint8_activations(model).SerializeToString(), plain).run(None, feeds)[0]
+        assert np.array_equal(before, after)
+
+
+def test_layers_kept_float_are_shared_by_a_components_bucket_graphs():
+    """With weight packs every bucket graph of a component keeps the same layers float (one
+    structure, one refittable engine); without them each graph keeps its own."""
+    from mordasr.calib.mixed_precision import plan_float_layers
+
+    ranked = {"unet.b0": ["a", "b", "c"], "unet.b1": ["c", "d"]}
+    components = {"unet.b0": "unet", "unet.b1": "unet", "encoder.b0": "encoder"}
+    assert plan_float_layers(ranked, 1, components, False) == {"unet.b0": ["a"], "unet.b1": ["c"]}
+    assert plan_float_layers(ranked, 2, components, True) == {"unet.b0": ["a", "b", "c", "d"],
+                                                              "unet.b1": ["a", "b", "c", "d"]}
+
+
+def test_calibration_images_smaller_than_the_profile_are_refused(folded_bundle, checkpoint, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "small").mkdir()
+    for i in range(16):
+        Image.new("RGB", (4, 4), (i * 10, 0, 0)).save(tmp_path / "small" / f"{i}.png")
+    minimum = load_manifest(folded_bundle).profile["min"]
+    assert minimum[0] // 4 > 4  # the bundle's smallest LR input is larger than these images
+    result = CliRunner().invoke(calib_main, [str(folded_bundle), "-o", str(tmp_path / "int8"), "--precision", "int8",
+                                             "--checkpoint", str(checkpoint), "--calib-dir", str(tmp_path / "small"),
+                                             "--calib-images", "16", "-q"])
+    assert result.exit_code == 2 and "16 of 16 images are smaller than the bundle's smallest input" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]

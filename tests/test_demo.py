@@ -7,14 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
-def test_demo_beats_bicubic(tmp_path):
+def _demo(tmp_path, *args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mordasr-demo")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mordasr.demo"]
-    proc = subprocess.run(cmd + ["--out", str(tmp_path / "demo"), "-q"], capture_output=True, text=True,
+    return subprocess.run(cmd + ["--out", str(tmp_path / "demo"), "-q", *args], capture_output=True, text=True,
                           timeout=1500)
+
+
+def test_demo_smoke(tmp_path):
+    """The demo's whole path, fast: 2 adapter steps on the fidelity base, one bucket."""
+    proc = _demo(tmp_path, "--base", "tiny", "--steps", "2", "--buckets", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"MoR-DASR tiny \(mor, folded\)\s+[\d.]+\s+[\d.]+", proc.stdout), proc.stdout
+    for name in ("lr", "bicubic", "restored", "hr"):
+        assert (tmp_path / "demo" / f"{name}.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_beats_bicubic(tmp_path):
+    """The README's main job as a user runs it, on the fidelity base: its figures are the README's."""
+    proc = _demo(tmp_path, "--base", "tiny")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(proc.stdout)
     bicubic = re.search(r"bicubic upsampling\s+([\d.]+)\s+([\d.]+)", proc.stdout)

@@ -87,6 +87,6 @@ def test_eval_command_scores_a_bundle_beside_bicubic(tmp_path, folded_bundle):
 def test_eval_command_refuses_bad_input(tmp_path):
     runner = CliRunner()
     result = runner.invoke(eval_main, ["bicubic", "--data", str(tmp_path), "--recipe", "nope"])
-    assert result.exit_code == 2 and "unknown recipe 'nope'" in result.output
+    assert result.exit_code == 2 and "--recipe: unknown value 'nope'" in result.output
     result = runner.invoke(eval_main, [str(tmp_path), "--data", str(tmp_path)])
     assert result.exit_code == 2 and "neither a bundle" in result.output

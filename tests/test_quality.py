@@ -153,6 +153,26 @@ print(json.dumps({'peak_mib': peak_kib / 1024}))
 """
 
 
+def _run_peaks(bundle, tmp_path, cases: dict) -> dict:
+    peaks = {}
+    for name, (fmt, *options) in cases.items():
+        for height in (256, 1024):
+            proc = subprocess.run([sys.executable, "-c", _RUN_RSS, str(bundle), "256", str(height),
+                                   str(tmp_path / f"out-{height}.{fmt}"), *options],
+                                  capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            peaks[name, height] = json.loads(proc.stdout.splitlines()[-1])["peak_mib"]
+    return peaks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
+def test_mordasr_run_png_memory_does_not_grow_with_the_output_smoke(folded_bundle, tmp_path):
+    """The fast part of the test below: PNG only, two fresh processes."""
+    peaks = _run_peaks(folded_bundle, tmp_path, {"png": ("png",)})
+    assert peaks["png", 1024] - peaks["png", 256] < 16
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_mordasr_run_png_and_jpeg_memory_does_not_grow_with_the_output(folded_bundle, tmp_path, capsys):
     """mordasr-run, default profile and tiling, in fresh processes: 256 px wide inputs 256 and
@@ -164,14 +184,7 @@ def test_mordasr_run_png_and_jpeg_memory_does_not_grow_with_the_output(folded_bu
     cases = {"png": ("png",), "jpg": ("jpg",), "png --color-fix adain": ("png", "--color-fix", "adain"),
              "jpg --color-fix wavelet": ("jpg", "--color-fix", "wavelet"), "png of an RGBA input": ("png", "rgba"),
              "tif": ("tif",)}
-    peaks = {}
-    for name, (fmt, *options) in cases.items():
-        for height in (256, 1024):
-            proc = subprocess.run([sys.executable, "-c", _RUN_RSS, str(folded_bundle), "256", str(height),
-                                   str(tmp_path / f"out-{height}.{fmt}"), *options],
-                                  capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            peaks[name, height] = json.loads(proc.stdout.splitlines()[-1])["peak_mib"]
+    peaks = _run_peaks(folded_bundle, tmp_path, cases)
     with capsys.disabled():
         print("\nmordasr-run peak RSS (MiB), 1 MP -> 4 MP out: " + ", ".join(
             f"{name} {peaks[name, 256]:.0f} -> {peaks[name, 1024]:.0f}" for name in cases))

@@ -197,7 +197,7 @@ def test_train_cli_base_unet_shape_from_scratch_and_from_a_start(tmp_path):
 @pytest.mark.parametrize("channels, message", [
     ("48,64,96", "4 values, one per UNet level"),
     ("40,64,96,96", "multiple of 16"),
-    ("48,x,96,96", "comma-separated list of whole numbers"),
+    ("48,x,96,96", "'x' is not a whole number"),
 ])
 def test_train_cli_base_refuses_a_bad_unet_shape_before_writing(tmp_path, channels, message):
     result = CliRunner().invoke(train_main, ["base", "-o", str(tmp_path / "b"), "--unet-channels", channels, "-q"])

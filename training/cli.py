@@ -47,6 +47,9 @@ def main() -> None:
               help="sd21: random weights, for latency benchmarks only (labelled as such everywhere).")
 @click.option("--adapter", type=click.Choice(["mor", "lora", "adaptir"]), default="mor", show_default=True,
               help="Mixture of Ranks, the dense LoRA baseline of the same total rank, or AdaptIR.")
+@click.option("--adaptir-hidden", type=click.IntRange(min=8), default=None,
+              help="AdaptIR: hidden width instead of d_model / 24 (the MoR study sets it so AdaptIR has as many "
+                   "trainable parameters as the LoRA adapters).")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -72,8 +75,8 @@ def main() -> None:
               help="CPU threads for PyTorch [default: PyTorch's choice].")
 @verbosity
 def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
-             clip_weights: Path | None, random_weights: bool, adapter: str, steps: int, batch: int,
-             crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, mix: str,
+             clip_weights: Path | None, random_weights: bool, adapter: str, adaptir_hidden: int | None, steps: int,
+             batch: int, crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, mix: str,
              precision: str, seed: int, threads: int | None, quiet: bool) -> None:
     """Fine-tune adapters (LoRA, MoR or AdaptIR) on a frozen base with L2 + load-balance losses.
 
@@ -97,9 +100,14 @@ def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
         else:
             if sd_weights or clip_weights or random_weights:
                 _fail("--sd-weights, --clip-weights and --random-weights apply to --preset sd21")
-            model, meta = load_checkpoint(base_path(base_name), adapter=adapter)
+            model, meta = load_checkpoint(base_path(base_name), adapter=adapter, add_adapters=False)
             if meta.get("has_adapters"):
                 _fail(f"{base_name} already holds adapters; pass a base checkpoint")
+            if adaptir_hidden is not None:
+                if adapter != "adaptir":
+                    _fail("--adaptir-hidden applies to --adapter adaptir")
+                model.config.adapter.adaptir_hidden = adaptir_hidden
+            model.add_adapters()
         cfg = AdapterTrainingConfig(steps=steps, batch=batch, crop=crop, lr=lr, balance_weight=balance_weight,
                                     eval_every=eval_every, data=str(data) if data else None, mix=mix,
                                     precision=precision, seed=seed)

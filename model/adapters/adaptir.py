@@ -34,17 +34,19 @@ SPECTRAL = ("fft", "matmul")
 MIN_HIDDEN = 8  # below this the channel MLP (h -> h/8) would have no units
 
 
-def hidden_size(d_model: int, ratio: int) -> int:
-    return max(MIN_HIDDEN, d_model // ratio)
+def hidden_size(d_model: int, ratio: int, hidden: int | None = None) -> int:
+    """The adapter's width: ``hidden`` when given (e.g. to match another adapter's parameter
+    count), else d_model / ratio."""
+    return hidden if hidden is not None else max(MIN_HIDDEN, d_model // ratio)
 
 
 class AdaptIR(nn.Module):
-    def __init__(self, d_model: int, ratio: int = 24, spectral: str = "fft") -> None:
+    def __init__(self, d_model: int, ratio: int = 24, spectral: str = "fft", hidden: int | None = None) -> None:
         super().__init__()
         if spectral not in SPECTRAL:
             raise ValueError(f"spectral must be one of {SPECTRAL}")
         self.spectral = spectral
-        self.hidden = h = hidden_size(d_model, ratio)
+        self.hidden = h = hidden_size(d_model, ratio, hidden)
         self.rank = h // 2
         self.head = nn.Conv2d(d_model, h, 1)
         self.bn = nn.BatchNorm2d(h)
@@ -142,12 +144,12 @@ class SpatialShape:
 class FeedForwardWithAdaptIR(nn.Module):
     """``ff(x) + adaptir(x)`` on tokens (N, HW, C): the adapter in parallel with the FFN."""
 
-    def __init__(self, ff: nn.Module, dim: int, ratio: int, shape: SpatialShape) -> None:
+    def __init__(self, ff: nn.Module, dim: int, ratio: int, shape: SpatialShape, hidden: int | None = None) -> None:
         super().__init__()
         self.ff = ff
         for p in self.ff.parameters():
             p.requires_grad_(False)
-        self.adaptir = AdaptIR(dim, ratio)
+        self.adaptir = AdaptIR(dim, ratio, hidden=hidden)
         self.shape = shape
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

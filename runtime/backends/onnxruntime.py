@@ -150,9 +150,14 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = self.threads
         return options
 
-    def _open(self, file: str, options):
+    def _open(self, file: str, options, precision: str = "fp32"):
         try:
-            return self.ort.InferenceSession(str(self.bundle_dir / file), options, providers=self.providers)
+            source: str | bytes = str(self.bundle_dir / file)
+            if precision == "int8" and self.providers == ["CPUExecutionProvider"]:
+                from mordasr.runtime.qdq_cpu import cpu_graph
+
+                source = cpu_graph(source)
+            return self.ort.InferenceSession(source, options, providers=self.providers)
         except Exception as err:  # ORT raises its own exception types
             first = first_line(err)
             raise BundleError(f"cannot load {file}: {first}; re-export the bundle") from None
@@ -162,7 +167,7 @@ class OnnxRuntimeBackend:
                 if self.bucket_switch == "refit" and graph.bucket is not None and not graph.fallback else None)
         if pack is None:
             if graph.key not in self._sessions:
-                self._sessions[graph.key] = self._open(graph.file, self._options())
+                self._sessions[graph.key] = self._open(graph.file, self._options(), graph.precision)
             return self._sessions[graph.key]
         slot = self._slots.get(graph.component)
         if slot is None:

@@ -1,0 +1,53 @@
+"""The MoR study's measurement (benchmarks/study.py): paired differences, parameter matching,
+layer groups, the report; the full study is hours of training and runs as ``mordasr-study``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mordasr.benchmarks.study import FAMILIES, HEAVY, compare, layer_group, matching_adaptir_hidden, paired
+
+
+def test_paired_difference_and_its_verdict():
+    rng = np.random.default_rng(0)
+    b = rng.normal(25, 2, 60)
+    win = paired(list(b + 0.3 + rng.normal(0, 0.05, 60)), list(b))
+    assert win["verdict"] == "win" and 0.25 < win["mean"] < 0.35 and win["ci95"][0] > 0 and win["n"] == 60
+    tie = paired(list(b + rng.normal(0, 1.0, 60)), list(b))
+    assert tie["verdict"] == "tie" and tie["ci95"][0] < 0 < tie["ci95"][1]
+    assert paired(list(b - 0.5), list(b))["verdict"] == "lose"
+
+
+def test_compare_pairs_each_run_with_its_own_seed():
+    rows = []
+    for seed in (0, 1):
+        for image in ("a", "b", "c"):
+            rows.append({"target": f"mor-s{seed}", "recipe": "noise-10", "image": image, "psnr_y": 20.0 + seed})
+            rows.append({"target": f"lora-s{seed}", "recipe": "noise-10", "image": image, "psnr_y": 19.5 + seed})
+            rows.append({"target": "base", "recipe": "noise-10", "image": image, "psnr_y": 18.0})
+    assert compare(rows, (0, 1), "mor", "lora", ["noise-10"])["mean"] == pytest.approx(0.5)
+    assert compare(rows, (0, 1), "mor", "base", ["noise-10"])["mean"] == pytest.approx(2.5)
+
+
+def test_adaptir_width_matches_a_parameter_budget():
+    from mordasr.model.io import base_path, load_checkpoint
+
+    lora, _ = load_checkpoint(base_path("tiny"), adapter="lora")
+    target = sum(p.numel() for p in lora.adapter_parameters())
+    hidden, count = matching_adaptir_hidden(base_path("tiny"), target)
+    assert abs(count / target - 1) < 0.05
+    adaptir, _ = load_checkpoint(base_path("tiny"), adapter="adaptir", add_adapters=False)
+    adaptir.config.adapter.adaptir_hidden = hidden
+    adaptir.add_adapters()
+    assert sum(p.numel() for p in adaptir.adapter_parameters()) == count
+
+
+def test_families_heavy_set_and_layer_groups():
+    from mordasr.benchmarks.recipes import RECIPES
+
+    assert all(r in RECIPES for family in FAMILIES.values() for r in family)
+    assert set(HEAVY) <= {r for family in FAMILIES.values() for r in family}
+    assert layer_group("vae.encoder.fine.0.conv1") == "encoder"
+    assert layer_group("unet.up_blocks.3.resnets.1.conv2") == "UNet up"
+    assert layer_group("unet.mid_block.attentions.0.proj_in") == "UNet mid"

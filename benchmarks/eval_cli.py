@@ -6,20 +6,16 @@ from pathlib import Path
 
 import click
 
-from mordasr.benchmarks.recipes import RECIPES, STANDARD, recipe_help
+from mordasr.benchmarks.recipes import MIXTURES, RECIPES, SEVERITIES, STANDARD, recipe_help
 from mordasr.runtime.cli_options import backend_option, parse_list, threads_option, verbosity
 
 
 def _recipes(text: str) -> list[str]:
-    names = parse_list(text, "--recipe", choices=("standard", "severities", *RECIPES))
+    groups = {"standard": STANDARD, "severities": SEVERITIES, "mixtures": MIXTURES}
+    names = parse_list(text, "--recipe", choices=(*groups, *RECIPES))
     expanded: list[str] = []
     for name in names:
-        if name == "standard":
-            expanded += list(STANDARD)
-        elif name == "severities":
-            expanded += [n for n in RECIPES if n not in STANDARD]
-        else:
-            expanded.append(name)
+        expanded += list(groups.get(name, (name,)))
     return list(dict.fromkeys(expanded))
 
 
@@ -29,8 +25,8 @@ def _recipes(text: str) -> list[str]:
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
               help="Folder of HR photographs (recursive), e.g. a held-out set never trained on.")
 @click.option("--recipe", "recipe_text", default="standard", show_default=True,
-              help="Comma-separated recipe names, 'standard' (bicubic-x4, mixed-x4, realesrgan-x4) "
-                   "or 'severities' (the noise/blur/JPEG grid).")
+              help="Comma-separated recipe names, 'standard' (bicubic-x4, mixed-x4, realesrgan-x4), "
+                   "'severities' (the noise/blur/JPEG grid) or 'mixtures' (two degradations at once).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("eval-out"), show_default=True,
               help="Folder for eval.json (per image and means) and eval.md (the table).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
@@ -39,6 +35,9 @@ def _recipes(text: str) -> list[str]:
 @click.option("--lpips-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Local state dict of lpips.LPIPS(net='vgg'): adds LPIPS (needs torch).")
 @click.option("--save-images", is_flag=True, help="Also write every LR input and output under OUT/images/.")
+@click.option("--grid", "grid_images", type=click.IntRange(min=1), default=None,
+              help="Also write OUT/grid.png: a 192 px centre crop of the first N photographs as the LR input, "
+                   "bicubic, every target, the teacher and HR, for the last recipe given.")
 @click.option("--checkpoint-checks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="A base (or adapted) checkpoint: also report its autoencoder's reconstruction PSNR (RGB) "
                    "on every image, and the correlation of its estimator's blur/noise/compression scores "
@@ -52,7 +51,8 @@ def _recipes(text: str) -> list[str]:
                    "~/.cache/mordasr/teacher-outputs].")
 @verbosity
 def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limit: int | None, backend: str,
-         threads: int | None, lpips_weights: Path | None, save_images: bool, checkpoint_checks: Path | None,
+         threads: int | None, lpips_weights: Path | None, save_images: bool, grid_images: int | None,
+         checkpoint_checks: Path | None,
          teacher: str | None, teacher_cache: Path | None, quiet: bool) -> None:
     """Y-PSNR / Y-SSIM (BT.601, 4-pixel border), RGB PSNR and colour shift of each TARGET.
 
@@ -88,6 +88,11 @@ def main(targets: tuple[str, ...], data: Path, recipe_text: str, out: Path, limi
             results["autoencoder"] = autoencoder_psnr(checkpoint_checks, images)
             results["router"] = router_correlations(checkpoint_checks, images)
         paths = write_results(results, out)
+        if grid_images:
+            from mordasr.benchmarks.grid import crop_grid
+
+            paths.append(crop_grid(resolved, images[:grid_images], recipes[-1],
+                                   out / "grid.png", teacher=taught))
     click.echo(markdown(results))
     click.echo("wrote " + ", ".join(str(p) for p in paths))
 

@@ -197,7 +197,7 @@ def student_and_teacher_speed(bundle: str | Path, teacher: str, photo: str | Pat
             raise RuntimeError("the teacher's output and the student's differ in size")
     megapixels = out_w * out_h / 1e6
     result: dict = {"photo": Path(photo).name, "input": [width, height], "output": [out_w, out_h],
-                    "rounds": rounds, "backend": backend, "teacher": teacher}
+                    "rounds": rounds, "backend": backend, "teacher_name": teacher}
     for side, measured in runs.items():
         per_mp = [s / megapixels for s, _ in measured]
         result[side] = {"seconds_per_megapixel": float(np.mean(per_mp)),

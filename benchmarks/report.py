@@ -93,7 +93,7 @@ def teacher_speed_lines(t: dict) -> list[str]:
             f"({t[side]['seconds_per_megapixel_range'][0]:.2f}-{t[side]['seconds_per_megapixel_range'][1]:.2f}) | "
             f"{t[side]['peak_rss_mib']:.0f} |"
             for side, label in (("student", f"{t['bundle']} on {t['base']} ({t['backend']})"),
-                                ("teacher", f"teacher {t['teacher']} (ncnn/ONNX Runtime, CPU)"))]
+                                ("teacher", f"teacher {t['teacher_name']} (ncnn/ONNX Runtime, CPU)"))]
     return [f"## Student and teacher on one photograph ({t['rounds']} alternating rounds, fresh processes)", "",
             f"{t['photo']}: {t['input'][0]}x{t['input'][1]} -> {t['output'][0]}x{t['output'][1]}.", "",
             "| restorer | s per output MP (range) | peak RSS MiB |", "|---|---|---|", *rows, "",

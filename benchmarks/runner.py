@@ -124,14 +124,14 @@ def _eval_set(cfg: BenchConfig, scale: int) -> list[tuple[np.ndarray, np.ndarray
 
     degradations = [Degradation(blur_sigma=1.0, noise_sigma=4 / 255, jpeg_quality=80),
                     Degradation(blur_sigma=2.0, noise_sigma=12 / 255, jpeg_quality=40)]
-    side = cfg.lr_size * scale
     pairs = []
     rng = np.random.default_rng(cfg.seed)
     for i in range(cfg.eval_images):
         photo = load_sample_image(HELDOUT_IMAGES[i % len(HELDOUT_IMAGES)])
         h, w = photo.shape[:2]
+        side = min(cfg.lr_size * scale, h, w) // scale * scale  # a photograph smaller than asked: all of it
         top, left = (h - side) // 2, (w - side) // 2
-        hr = photo[max(top, 0): max(top, 0) + side, max(left, 0): max(left, 0) + side]
+        hr = photo[top: top + side, left: left + side]
         lr = degrade(hr, degradations[(i // len(HELDOUT_IMAGES)) % 2], scale, rng)
         pairs.append((lr.astype(np.float32), hr.astype(np.float32)))
     return pairs
@@ -346,8 +346,8 @@ def crop_grid(cfg: BenchConfig, workdir: Path, side: int = 128) -> dict:
 
     from PIL import Image
 
-    from mordasr.benchmarks.evaluate import bicubic_upsample, load_hr, resolve_target
-    from mordasr.benchmarks.recipes import RECIPES, STANDARD
+    from mordasr.benchmarks.evaluate import load_hr, resolve_target
+    from mordasr.benchmarks.recipes import RECIPES, SCALE, STANDARD
     from mordasr.runtime.images import to_uint8
 
     name, hr = load_hr(cfg.eval_data, 1)[0]
@@ -364,7 +364,7 @@ def crop_grid(cfg: BenchConfig, workdir: Path, side: int = 128) -> dict:
     rows = {}
     for recipe in STANDARD:
         lr = RECIPES[recipe].degrade(region, name)
-        rows[recipe] = {"HR": png(region), "bicubic": png(bicubic_upsample(lr))}
+        rows[recipe] = {"HR": png(region), "bicubic": png(metrics.bicubic_upsample(lr, SCALE))}
         rows[recipe].update({label: png(restore(lr)) for label, restore in restorers.items()})
     return {"title": f"The same {side} px crop of {name}, restored by every variant and precision",
             "rows": rows}

@@ -216,7 +216,7 @@ def main(input_path: Path, output: Path | None, bundle: Path, backend: str, buck
             with GracefulStop("mordasr-run", on_first=stopping) as stop:
                 summary = restore_with_ray(jobs, bundle, backend, options, job_options, workers=workers,
                                            cpus_per_worker=threads or 1, address=address, on_result=reporter,
-                                           stop=stop.requested, grace_s=grace_s)
+                                           stop=stop.requested, grace_s=grace_s, on_ray_started=stop.install)
         except MordasrError as err:
             _fail(str(err))
     else:

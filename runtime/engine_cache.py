@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from mordasr.errors import BundleError
 from mordasr.runtime.atomic import atomic_write
+from mordasr.runtime.cache_dirs import user_cache_dir
 from mordasr.runtime.engine_names import TensorRTVersion, compute_capability_tag
 from mordasr.runtime.manifest import sha256_file
 
@@ -31,10 +31,7 @@ LOCK = "index.lock"
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mordasr" / "engines"
+    return user_cache_dir(CACHE_ENV, "engines")
 
 
 @dataclass(frozen=True)

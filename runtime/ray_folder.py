@@ -88,10 +88,11 @@ class RestoreWorker:
 def restore_with_ray(jobs: list[tuple[Path, Path]], bundle: Path, backend: str, backend_options: dict,
                      options: RestoreOptions, workers: int | None = None, cpus_per_worker: float = 1.0,
                      address: str | None = None, on_result: Callable[[str, str, str], None] | None = None,
-                     stop: threading.Event | None = None, grace_s: float = 30.0) -> BatchSummary:
+                     stop: threading.Event | None = None, grace_s: float = 30.0,
+                     on_ray_started: Callable[[], None] | None = None) -> BatchSummary:
     """Restore ``jobs`` on a pool of Ray actors; ``on_result(src, error, message)`` per image.
     Once ``stop`` is set, images not started are skipped and the wait for those in flight lasts
-    at most ``grace_s``."""
+    at most ``grace_s``. ``on_ray_started`` runs once Ray is up (to take back SIGTERM from it)."""
     from mordasr.lazy import import_optional
 
     ray = import_optional("ray", "--ray")
@@ -102,6 +103,8 @@ def restore_with_ray(jobs: list[tuple[Path, Path]], bundle: Path, backend: str, 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if on_ray_started is not None:
+        on_ray_started()
     summary = BatchSummary()
     start = time.perf_counter()
     try:

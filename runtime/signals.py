@@ -31,9 +31,16 @@ class GracefulStop:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> GracefulStop:
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self.install()
         return self
+
+    def install(self) -> None:
+        """(Re)take SIGTERM and SIGINT. Libraries that start runtimes may install their own handlers:
+        ``ray.init`` sets one that logs "SIGTERM received" and exits 15 with nothing drained, so
+        callers install again after starting Ray."""
+        for sig in SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -36,6 +36,9 @@ REQUEST_ID_HEADER = "x-request-id"
 DEADLINE_HEADER = "x-mordasr-deadline-s"
 ATTEMPTS_HEADER = "x-mordasr-attempts"
 DEFAULT_MAX_QUEUED_PER_REPLICA = 4
+# A replica's health call waits in the same queue as its images; past this, /healthz answers from
+# the ingress alone ("busy"), so a load balancer's probe never hangs behind a long restore.
+HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -179,7 +182,7 @@ class Ingress:
 
         path = request.url.path.rstrip("/")
         if request.method == "GET" and path.endswith("healthz"):
-            return JSONResponse({**await self.restorer.health.remote(), "draining": self.draining,
+            return JSONResponse({**await self._replica_health(), "draining": self.draining,
                                  "in_flight": self.in_flight})
         if request.method != "POST":
             return error(405, "POST an image to restore it, or GET /healthz")
@@ -212,6 +215,18 @@ class Ingress:
         if status != 200:
             return JSONResponse({**payload, "request_id": request_id}, status_code=status, headers=headers)
         return Response(payload, media_type=RESPONSE_TYPES[fmt], headers=headers)
+
+    async def _replica_health(self) -> dict:
+        backpressure = import_optional("ray.serve.exceptions", "mordasr-serve").BackPressureError
+        try:
+            return await asyncio.wait_for(self._await(self.restorer.health.remote()), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, backpressure):
+            return {"status": "busy",
+                    "detail": f"no replica answered within {HEALTH_TIMEOUT_S:g} s: all are restoring"}
+
+    @staticmethod
+    async def _await(response):
+        return await response
 
     async def _read_body(self, request) -> bytes:
         """The body, refused with 413 as soon as it (or its Content-Length) passes the limit."""

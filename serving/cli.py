@@ -112,6 +112,7 @@ def main(bundle: Path, host: str, port: int, route: str, address: str | None, re
         except MordasrError as err:
             _fail(str(err))
         url = start(app, host, port, route, address)
+        stop.install()  # Ray took SIGTERM over while starting
         click.echo(f"mordasr-serve: {replicas} replica(s) of {bundle} on {url} (GET {url.rstrip('/')}/healthz); "
                    "Ctrl-C or SIGTERM stops", err=True)
         if ready_file:

@@ -204,3 +204,27 @@ def test_graph_flops_counts_conv_and_matmul(tmp_path):
     conv = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
     matmul = 2 * (2 * 8 * 8 * 5) * 8
     assert flops == conv + matmul
+
+
+def test_eval_pairs_fit_photographs_smaller_than_the_asked_size():
+    """--lr-size 128 asks for 512 px crops of sample photographs that are 300 px high: the crop
+    shrinks to the photograph, square and a multiple of the scale, so HR is exactly 4x LR."""
+    from mordasr.benchmarks.runner import BenchConfig, _eval_set
+
+    for lr_size in (16, 128):
+        for lr, hr in _eval_set(BenchConfig(preset="tiny", lr_size=lr_size, eval_images=3), 4):
+            assert hr.shape[:2] == (lr.shape[0] * 4, lr.shape[1] * 4), (lr.shape, hr.shape)
+            assert hr.shape[0] == hr.shape[1]
+
+
+def test_teacher_speed_lines_name_the_teacher():
+    from mordasr.benchmarks.report import teacher_speed_lines
+
+    side = {"seconds_per_megapixel": 2.0, "seconds_per_megapixel_range": [1.9, 2.1], "peak_rss_mib": 300.0}
+    measured = {"photo": "p.png", "input": [8, 8], "output": [32, 32], "rounds": 2, "backend": "onnxruntime",
+                "teacher_name": "realesrgan-x4plus", "bundle": "mor-folded", "base": "esrgan-student",
+                "student": side, "teacher": {**side, "seconds_per_megapixel": 12.0},
+                "teacher_over_student": {"ratio": 6.0, "ci95": [5.5, 6.5], "per_round": [6.0, 6.0]}}
+    lines = teacher_speed_lines(measured)
+    teacher_row = next(line for line in lines if line.startswith("| teacher"))
+    assert teacher_row.startswith("| teacher realesrgan-x4plus (") and "| 12.00 (1.90-2.10) | 300 |" in teacher_row

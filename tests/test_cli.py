@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -137,6 +138,7 @@ def test_export_cli_bad_checkpoints(tiny_model, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_export_cli_int8_writes_both_bundles(tiny_model, tmp_path):
     from mordasr.runtime import load_manifest
 

@@ -153,7 +153,7 @@ def wide_bundle(tiny_buckets, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("bundle", ["hybrid_bundle", "wide_bundle"])
+@pytest.mark.parametrize("bundle", ["hybrid_bundle", pytest.param("wide_bundle", marks=pytest.mark.slow)])
 def test_estimate_against_measured_onnxruntime_peak_memory(bundle, request, tmp_path):
     """The ONNX Runtime CPU estimate for every graph held (each bucket restored once; the
     backend's sessions share one arena) vs the measured rise of the process's peak RSS, in a

@@ -74,8 +74,14 @@ def test_eval_command_scores_a_bundle_beside_bicubic(tmp_path, folded_bundle):
     for i in range(2):
         Image.fromarray((rng.uniform(0, 1, (48, 56, 3)) * 255).astype(np.uint8)).save(data / f"im{i}.png")
     result = CliRunner().invoke(eval_main, [f"mine={folded_bundle}", "--data", str(data), "--recipe",
-                                            "bicubic-x4,noise-5", "-o", str(tmp_path / "out"), "-q"])
+                                            "bicubic-x4,noise-5", "-o", str(tmp_path / "out"), "--grid", "2",
+                                            "-q"])
     assert result.exit_code == 0, result.output
+    # the grid: a label row, then per image LR, bicubic, mine and HR crops of 48 px (the images' short side)
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
+    assert grid.shape == (18 + 2 * 48, 4 * 48, 3)
+    hr = np.asarray(Image.open(data / "im0.png"))
+    assert np.array_equal(grid[18:18 + 48, 3 * 48:], hr[:48, 4:52])  # the HR column is the centre crop
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert {t["label"] for t in report["targets"]} == {"bicubic", "mine"}
     assert len(report["per_image"]) == 2 * 2 * 2  # recipes x images x targets

@@ -260,6 +260,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes training; the single-process fit tests cover the trainer itself
 def test_two_gloo_processes_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -315,6 +315,7 @@ def test_refuses_an_untrusted_pickle(osediff_case, sd, tmp_path):
              "refused to unpickle")
 
 
+@pytest.mark.slow
 def test_import_cli_as_a_subprocess(osediff_case, sd, tmp_path):
     folder, clip = sd
     *_, path = osediff_case

@@ -81,7 +81,7 @@ def test_dense_lora_bundle_matches_pytorch(lora_model, dense_lora_bundle):
     assert not any("lora" in n.name for n in unet.graph.node)
 
 
-@pytest.mark.parametrize("mode", ["folded", "gated"])
+@pytest.mark.parametrize("mode", ["folded", pytest.param("gated", marks=pytest.mark.slow)])
 def test_a_wider_deeper_unet_exports_and_matches_pytorch(tiny_buckets, tmp_path, mode):
     """``mordasr-train base --unet-channels/--unet-layers`` shapes go through export and runtime as
     they are: the graphs take the shape from the model."""

@@ -115,6 +115,7 @@ def _peak_mib(bundle, side: int) -> float:
     return json.loads(proc.stdout.splitlines()[-1])["peak_mib"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_peak_memory_grows_no_faster_than_pixels(folded_bundle, capsys):
     """Default profile and tiling (the tile is the profile's largest output): 4x and 16x the pixels

@@ -20,6 +20,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
 
 
+@pytest.mark.slow
 def test_ray_folder_mode_equals_single_process(folded_bundle, tmp_path):
     pytest.importorskip("ray.data", reason="needs Ray Data (pip install 'mordasr[serve]')")
     rng = np.random.default_rng(11)

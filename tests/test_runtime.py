@@ -190,3 +190,19 @@ def test_restore_batch_equals_one_by_one(bundle, request, rng):
     assert restorer.restore_batch([]) == []
     with pytest.raises(ImageError, match="expected an"):
         restorer.restore_batch([images[0], np.zeros((4, 4), np.float32)])
+
+
+def test_graceful_stop_takes_sigterm_back_from_a_library_and_restores_the_original():
+    """ray.init installs its own SIGTERM handler (log, exit 15); install() takes it back, and
+    leaving the block restores what was there before the block, not the library's."""
+    import signal
+
+    from mordasr.runtime.signals import GracefulStop
+
+    original = signal.getsignal(signal.SIGTERM)
+    with GracefulStop("test") as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what a library started inside the block does
+        stop.install()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested.is_set() and stop.signal == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is original

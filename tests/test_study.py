@@ -51,3 +51,35 @@ def test_families_heavy_set_and_layer_groups():
     assert layer_group("vae.encoder.fine.0.conv1") == "encoder"
     assert layer_group("unet.up_blocks.3.resnets.1.conv2") == "UNet up"
     assert layer_group("unet.mid_block.attentions.0.proj_in") == "UNet mid"
+
+
+@pytest.mark.slow
+def test_the_whole_study_runs_and_resumes(tmp_path):
+    """Every phase on a few steps and synthetic photographs: the report, its plots and its tables
+    come out, and a second run reuses the base, the runs and the evaluation."""
+    from PIL import Image
+
+    from mordasr.benchmarks.study import StudyConfig, run_study, write_report
+
+    rng = np.random.default_rng(0)
+    for folder, count in (("train", 6), ("val", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            image = (rng.uniform(0, 1, (96, 112, 3)) * 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
+    cfg = StudyConfig(out=tmp_path / "out", work=tmp_path / "work", data=tmp_path / "train",
+                      eval_data=tmp_path / "val", eval_limit=2, eval_crop=64, base_vae_steps=2, base_sr_steps=2,
+                      steps=2, seeds=(0, 1), adapters=("mor", "lora", "adaptir"), rounds=2)
+    results = run_study(cfg)
+    files = write_report(results, cfg.out, "mordasr-study ...")
+    assert {f.name for f in files} == {"report.md", "report.html", "results.json"}
+    assert (cfg.out / "heatmap.png").is_file() and (cfg.out / "buckets.png").is_file()
+    assert [r["family"] for r in results["per_family"]] == list(FAMILIES)
+    assert set(results["adapted_minus_base_heavy"]) == {"mor", "lora", "adaptir"}
+    assert {r["target"].split(" (")[0] for r in results["latency"]} >= {
+        "folded UNet latency / merged dense-LoRA UNet latency"}
+    params = results["trainable_parameters"]
+    assert abs(params["adaptir"] / params["lora"] - 1) < 0.05
+    stamp = (cfg.work / "evaluation.json").stat().st_mtime
+    run_study(cfg)  # everything reused
+    assert (cfg.work / "evaluation.json").stat().st_mtime == stamp

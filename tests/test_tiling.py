@@ -217,6 +217,7 @@ print(json.dumps({"peak_mib": hwm() / 1024}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_peak_memory_is_bounded_by_the_tile(folded_bundle, capsys):
     def peak(side: int, tile: int) -> float:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mordasr.errors import MordasrError
+from mordasr.runtime.cache_dirs import user_cache_dir
 from mordasr.runtime.images import as_float, to_uint8
 from mordasr.training.teachers import Teacher
 
@@ -33,10 +34,7 @@ RECIPE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mordasr" / "teacher-outputs"
+    return user_cache_dir(CACHE_ENV, "teacher-outputs")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def main(out_dir: Path, work: Path, data: Path, eval_data: Path, eval_limit: int
 
     \b
       mordasr-study --out benchmarks/results/mor-study --work runs/study \\
-          --data ../shared/data/train-hr --eval-data ../shared/data/val-hr
+          --data train-hr/ --eval-data val-hr/
     """
     from mordasr.benchmarks.study import StudyConfig, run_study, write_report
 

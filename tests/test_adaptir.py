@@ -198,3 +198,20 @@ def test_export_cli_picks_adaptir_mode_and_refuses_routing_modes(adaptir_model, 
     assert refused.exit_code == 2 and "use --mode adaptir" in refused.stderr
     with pytest.raises(MordasrError, match="trained with --adapter adaptir"):
         check_mode("mor", "adaptir")
+
+
+def test_adaptir_trains_under_bfloat16_autocast():
+    """torch.fft and atan2 have no bfloat16 CPU kernels (and in bfloat16 training went non-finite):
+    the adapter runs in float32 inside autocast, so `--precision bf16` trains it like the others."""
+    from mordasr.model.adapters.adaptir import AdaptIR
+
+    torch.manual_seed(0)
+    module = AdaptIR(32)
+    torch.nn.init.normal_(module.tail.weight, std=0.1)  # a non-zero output (the adapter starts at zero)
+    x = torch.randn(2, 32, 10, 12)
+    reference = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.float().square().mean().backward()
+    assert module.head.weight.grad is not None and torch.isfinite(module.head.weight.grad).all()
+    assert torch.allclose(out.float(), reference, atol=0.05 * reference.abs().max().item())

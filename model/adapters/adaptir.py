@@ -101,6 +101,13 @@ class AdaptIR(nn.Module):
         return self.proj(pooled).view(n, c, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.fft and atan2 have no bfloat16 kernels on the CPU, and the magnitude/phase split
+        # needs float32's precision (in bfloat16 training goes non-finite within steps): the
+        # adapter, a small branch beside its layer, runs in float32 even under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x.float()).to(x.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(x) if self.fused else self.bn(self.head(x))
         fam = self.frequency(x)
         lim = self.local(x)

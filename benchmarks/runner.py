@@ -347,12 +347,12 @@ def crop_grid(cfg: BenchConfig, workdir: Path, side: int = 128) -> dict:
     from PIL import Image
 
     from mordasr.benchmarks.evaluate import load_hr, resolve_target
+    from mordasr.benchmarks.grid import centre_region
     from mordasr.benchmarks.recipes import RECIPES, SCALE, STANDARD
     from mordasr.runtime.images import to_uint8
 
     name, hr = load_hr(cfg.eval_data, 1)[0]
-    y0, x0 = (hr.shape[0] // 2 - side // 2) // 4 * 4, (hr.shape[1] // 2 - side // 2) // 4 * 4
-    region = hr[y0:y0 + side, x0:x0 + side]  # restore only this region: the grid shows what it needs
+    region = centre_region(hr, side)  # restore only this region: the grid shows what it needs
 
     def png(image: np.ndarray) -> str:
         buffer = io.BytesIO()

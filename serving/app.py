@@ -219,14 +219,10 @@ class Ingress:
     async def _replica_health(self) -> dict:
         backpressure = import_optional("ray.serve.exceptions", "mordasr-serve").BackPressureError
         try:
-            return await asyncio.wait_for(self._await(self.restorer.health.remote()), HEALTH_TIMEOUT_S)
+            return await asyncio.wait_for(self.restorer.health.remote(), HEALTH_TIMEOUT_S)
         except (asyncio.TimeoutError, backpressure):
             return {"status": "busy",
                     "detail": f"no replica answered within {HEALTH_TIMEOUT_S:g} s: all are restoring"}
-
-    @staticmethod
-    async def _await(response):
-        return await response
 
     async def _read_body(self, request) -> bytes:
         """The body, refused with 413 as soon as it (or its Content-Length) passes the limit."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from mordasr.benchmarks.study import ABLATIONS
 from mordasr.cli_errors import fail_on_errors
 from mordasr.runtime.cli_options import parse_list, verbosity
 
@@ -35,6 +36,10 @@ from mordasr.runtime.cli_options import parse_list, verbosity
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of every adapter kind.")
 @click.option("--adapters", default="mor,lora,adaptir", show_default=True,
               help="Comma-separated adapter kinds (mor and lora at least).")
+@click.option("--ablations", default=",".join(ABLATIONS), show_default=True,
+              help="Comma-separated MoR ablations, each trained on the first seed: "
+                   + "; ".join(f"{name}: {change}" for name, (change, _) in ABLATIONS.items())
+                   + ". An empty string trains none.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Adapter crops per step.")
 @click.option("--crop", type=click.IntRange(min=16), default=64, show_default=True, help="Adapter HR crop side, px.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
@@ -43,7 +48,8 @@ from mordasr.runtime.cli_options import parse_list, verbosity
               help="Interleaved rounds for the latency ratios.")
 @verbosity
 def main(out_dir: Path, work: Path, data: Path, eval_data: Path, eval_limit: int, eval_crop: int,
-         base_vae_steps: int, base_sr_steps: int, steps: int, seeds: str, adapters: str, batch: int, crop: int,
+         base_vae_steps: int, base_sr_steps: int, steps: int, seeds: str, adapters: str, ablations: str, batch: int,
+         crop: int,
          precision: str, rounds: int, quiet: bool) -> None:
     """MoR against dense LoRA (and AdaptIR) on a base trained on clean inputs only: per family
     and severity with 95 % intervals over images x seeds, a routing heatmap, the bucket-count
@@ -61,6 +67,8 @@ def main(out_dir: Path, work: Path, data: Path, eval_data: Path, eval_limit: int
                           eval_crop=eval_crop, base_vae_steps=base_vae_steps, base_sr_steps=base_sr_steps,
                           steps=steps, seeds=parse_list(seeds, "--seeds", int),
                           adapters=parse_list(adapters, "--adapters", choices=("mor", "lora", "adaptir")),
+                          ablations=(parse_list(ablations, "--ablations", choices=tuple(ABLATIONS))
+                                     if ablations else ()),
                           batch=batch, crop=crop, precision=precision, rounds=rounds)
         results = run_study(cfg, progress=(lambda _m: None) if quiet else
                             (lambda m: click.echo(f"study: {m}", err=True)))

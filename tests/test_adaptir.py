@@ -215,3 +215,20 @@ def test_adaptir_trains_under_bfloat16_autocast():
     out.float().square().mean().backward()
     assert module.head.weight.grad is not None and torch.isfinite(module.head.weight.grad).all()
     assert torch.allclose(out.float(), reference, atol=0.05 * reference.abs().max().item())
+
+
+def test_adaptir_gradient_stays_finite_on_a_flat_channel():
+    """A channel that is flat after the head's BatchNorm has re = im = 0 in every frequency bin,
+    where sqrt's derivative is infinite: the gradient must stay finite (a study run went
+    non-finite without the epsilon under the magnitude)."""
+    from mordasr.model.adapters.adaptir import AdaptIR
+
+    torch.manual_seed(0)
+    module = AdaptIR(16, hidden=8)
+    torch.nn.init.normal_(module.tail.weight, std=0.1)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        module.head.weight[0].zero_()  # channel 0: constant, so zero after BatchNorm
+    module(x).square().mean().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

@@ -43,6 +43,18 @@ def test_adaptir_width_matches_a_parameter_budget():
     assert sum(p.numel() for p in adaptir.adapter_parameters()) == count
 
 
+def test_unknown_ablations_are_refused(tmp_path):
+    from mordasr.benchmarks.study import StudyConfig
+    from mordasr.errors import MordasrError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cfg = StudyConfig(out=tmp_path / "o", work=tmp_path / "w", data=tmp_path / "a", eval_data=tmp_path / "b",
+                      ablations=("mor-top4", "mor-top9"))
+    with pytest.raises(MordasrError, match="unknown ablation 'mor-top9'"):
+        cfg.validate()
+
+
 def test_families_heavy_set_and_layer_groups():
     from mordasr.benchmarks.recipes import RECIPES
 
@@ -69,7 +81,8 @@ def test_the_whole_study_runs_and_resumes(tmp_path):
             Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
     cfg = StudyConfig(out=tmp_path / "out", work=tmp_path / "work", data=tmp_path / "train",
                       eval_data=tmp_path / "val", eval_limit=2, eval_crop=64, base_vae_steps=2, base_sr_steps=2,
-                      steps=2, seeds=(0, 1), adapters=("mor", "lora", "adaptir"), rounds=2)
+                      steps=2, seeds=(0, 1), adapters=("mor", "lora", "adaptir"), ablations=("mor-no-zero",),
+                      rounds=2)
     results = run_study(cfg)
     files = write_report(results, cfg.out, "mordasr-study ...")
     assert {f.name for f in files} == {"report.md", "report.html", "results.json"}
@@ -79,7 +92,12 @@ def test_the_whole_study_runs_and_resumes(tmp_path):
     assert {r["target"].split(" (")[0] for r in results["latency"]} >= {
         "folded UNet latency / merged dense-LoRA UNet latency"}
     params = results["trainable_parameters"]
-    assert abs(params["adaptir"] / params["lora"] - 1) < 0.05
-    stamp = (cfg.work / "evaluation.json").stat().st_mtime
+    assert abs(params["adaptir"] / params["lora"] - 1) < 0.05 and params["mor-no-zero"] < params["mor"]
+    assert [a["name"] for a in results["ablations"]] == ["mor-no-zero"]
+    assert results["ablations"][0]["minus_mor"]["n"] == 2 * len(HEAVY)  # 2 images x the heavy recipes, one seed
+    assert "## Ablations" in files[0].read_text() and "tiny" in results["per_recipe"][0]["psnr_y"]
+    stamps = {f.name: f.stat().st_mtime for f in (cfg.work / "evaluation").iterdir()}
+    assert set(stamps) == {"base.json", "tiny.json", "mor-no-zero-s0.json"} | {
+        f"{k}-s{s}.json" for k in ("mor", "lora", "adaptir") for s in (0, 1)}
     run_study(cfg)  # everything reused
-    assert (cfg.work / "evaluation.json").stat().st_mtime == stamp
+    assert {f.name: f.stat().st_mtime for f in (cfg.work / "evaluation").iterdir()} == stamps

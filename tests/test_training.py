@@ -134,6 +134,43 @@ def test_train_cli_adapters_and_errors(tmp_path):
     assert result.exit_code == 2 and "neither a shipped base (tiny, esrgan-student) nor a checkpoint" in result.stderr
 
 
+def test_train_cli_adapter_shape_options(tmp_path):
+    """--r-shared/--r-routed/--top-k/--zero-slots reach the adapters and their saved config; bad
+    shapes and MoR-only options on LoRA are one-line errors."""
+    from mordasr.model.adapters.mor import MoRLayer
+
+    out = tmp_path / "mor"
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(out), "--steps", "1", "--batch", "1",
+                                             "--crop", "32", "--r-shared", "0", "--r-routed", "6", "--top-k", "3",
+                                             "--zero-slots", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_checkpoint(out, add_adapters=False)
+    layer = next(m for m in model.modules() if isinstance(m, MoRLayer))
+    assert (layer.r_shared, layer.r_routed, layer.top_k, layer.n_zero) == (0, 6, 3, 1)
+    assert layer.router.out_features == 7
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--top-k", "9", "--zero-slots",
+                                             "0", "--r-routed", "8"])
+    assert result.exit_code == 2 and "top_k=9 must lie in 1..8" in result.stderr
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "x"), "--adapter", "lora",
+                                             "--top-k", "2"])
+    assert result.exit_code == 2 and "--top-k and --zero-slots apply to --adapter mor" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_cli_non_finite_loss_is_a_one_line_error(tmp_path, monkeypatch):
+    import mordasr.training.adapter_trainer as trainer
+
+    def diverge(*_args, **_kwargs):
+        raise FloatingPointError("non-finite loss at step 155")
+
+    monkeypatch.setattr(trainer, "train_adapters", diverge)
+    result = CliRunner().invoke(train_main, ["adapters", "-o", str(tmp_path / "run"), "--adapter", "lora"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "mordasr-train: error: non-finite loss at step 155; nothing was written (try a lower --lr)"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_cli_base_stage_checkpoints_and_resume(tmp_path):
     out = tmp_path / "base"
     args = ["base", "-o", str(out), "--vae-steps", "2", "--estimator-steps", "1", "--sr-steps", "2",

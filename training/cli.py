@@ -50,6 +50,15 @@ def main() -> None:
 @click.option("--adaptir-hidden", type=click.IntRange(min=8), default=None,
               help="AdaptIR: hidden width instead of d_model / 24 (the MoR study sets it so AdaptIR has as many "
                    "trainable parameters as the LoRA adapters).")
+@click.option("--r-shared", type=click.IntRange(min=0), default=None,
+              help="Ranks every input uses (MoR's shared ranks; dense LoRA's rank is shared + routed) "
+                   "[default: the base's config; tiny: 2].")
+@click.option("--r-routed", type=click.IntRange(min=0), default=None,
+              help="MoR's routed ranks, each an expert the router may pick [default: the base's config; tiny: 8].")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="MoR: slots (routed ranks and zero slots) kept per input [default: the base's config; tiny: 2].")
+@click.option("--zero-slots", type=click.IntRange(min=0), default=None,
+              help="MoR: zero experts the router may pick to use fewer ranks [default: the base's config; tiny: 2].")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -75,7 +84,8 @@ def main() -> None:
               help="CPU threads for PyTorch [default: PyTorch's choice].")
 @verbosity
 def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
-             clip_weights: Path | None, random_weights: bool, adapter: str, adaptir_hidden: int | None, steps: int,
+             clip_weights: Path | None, random_weights: bool, adapter: str, adaptir_hidden: int | None,
+             r_shared: int | None, r_routed: int | None, top_k: int | None, zero_slots: int | None, steps: int,
              batch: int, crop: int, lr: float, balance_weight: float, eval_every: int, data: Path | None, mix: str,
              precision: str, seed: int, threads: int | None, quiet: bool) -> None:
     """Fine-tune adapters (LoRA, MoR or AdaptIR) on a frozen base with L2 + load-balance losses.
@@ -107,6 +117,13 @@ def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
                 if adapter != "adaptir":
                     _fail("--adaptir-hidden applies to --adapter adaptir")
                 model.config.adapter.adaptir_hidden = adaptir_hidden
+            if (top_k is not None or zero_slots is not None) and adapter != "mor":
+                _fail("--top-k and --zero-slots apply to --adapter mor")
+            shape = {"r_shared": r_shared, "r_routed": r_routed, "top_k": top_k, "n_zero": zero_slots}
+            for key, value in shape.items():
+                if value is not None:
+                    setattr(model.config.adapter, key, value)
+            model.config.adapter.validate()
             model.add_adapters()
         cfg = AdapterTrainingConfig(steps=steps, batch=batch, crop=crop, lr=lr, balance_weight=balance_weight,
                                     eval_every=eval_every, data=str(data) if data else None, mix=mix,
@@ -114,6 +131,8 @@ def adapters(out: Path, preset: str, base_name: str, sd_weights: Path | None,
         metrics = train_adapters(model, cfg, out, quiet=quiet, random_weights=random_weights)
     except (MordasrError, ValueError) as err:
         _fail(str(err))
+    except FloatingPointError as err:
+        _fail(f"{err}; nothing was written (try a lower --lr)")
     click.echo(f"wrote {out}: held-out PSNR {metrics['psnr']:.2f} dB "
                f"(bicubic {metrics['psnr_bicubic']:.2f} dB) after {steps} steps")
 

@@ -87,7 +87,10 @@ class AdaptIR(nn.Module):
             re, im = rfft2_torch(x)
         else:
             re, im = rfft2_matmul(x)
-        magnitude = torch.sqrt(re * re + im * im)
+        # sqrt's derivative is infinite at 0: a bin with re = im = 0 (a flat channel) would turn
+        # the gradient into NaN (a study run went non-finite at step 155); 1e-12 moves no
+        # magnitude above 1e-6 and keeps the fft and matmul paths identical.
+        magnitude = torch.sqrt(re * re + im * im + 1e-12)
         phase = angle(re, im)
         magnitude, phase = self.amp_fuse(magnitude), self.pha_fuse(phase)
         re, im = magnitude * torch.cos(phase), magnitude * torch.sin(phase)

@@ -12,6 +12,9 @@ severity: Y-PSNR of every run, the paired difference MoR - LoRA over images x se
 confidence interval (Student's t), adapted - base on the heavy set, the mean gate of each routed
 rank per family and layer group (a heatmap), folded 1/2/4/8/16 buckets against continuous gates,
 and the UNet latency of folded and gated MoR engines against merged dense LoRA (interleaved rounds).
+Beside them: MoR ablations on the first seed (top-k, zero slots, balance loss, shared/routed split;
+one may be confirmed on every seed) and the shipped ``tiny`` base, trained end to end on the
+degradation mix, as the measure of how much room the heavy set holds for this architecture.
 
 Every phase keeps what it made under ``--work`` and skips it on a second run, so a killed study
 resumes; the training commands it runs are printed, and the report names the command that
@@ -77,6 +80,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     adapters: tuple[str, ...] = ("mor", "lora", "adaptir")
     ablations: tuple[str, ...] = tuple(ABLATIONS)
+    confirm: str | None = None  # an ablation trained on every seed, compared like MoR
     batch: int = 8
     crop: int = 64
     precision: str = "bf16"
@@ -89,6 +93,8 @@ class StudyConfig:
         unknown = sorted(set(self.ablations) - set(ABLATIONS))
         if unknown:
             raise MordasrError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
+        if self.confirm is not None and self.confirm not in self.ablations:
+            raise MordasrError(f"--confirm {self.confirm}: not among the --ablations ({', '.join(self.ablations)})")
         if len(self.seeds) < 2:
             raise MordasrError("give at least 2 --seeds: the confidence intervals are over images x seeds")
         for folder, option in ((self.data, "--data"), (self.eval_data, "--eval-data")):
@@ -190,9 +196,10 @@ def train_runs(cfg: StudyConfig, base: Path, progress: Callable[[str], None]) ->
             _train_adapters(cfg, base, out, kind, seed, extra, progress)
             runs[(kind, seed)] = out
     for name in cfg.ablations:
-        out = cfg.work / f"{name}-s{cfg.seeds[0]}"
-        _train_adapters(cfg, base, out, "mor", cfg.seeds[0], ABLATIONS[name][1], progress)
-        runs[(name, cfg.seeds[0])] = out
+        for seed in cfg.seeds if name == cfg.confirm else cfg.seeds[:1]:
+            out = cfg.work / f"{name}-s{seed}"
+            _train_adapters(cfg, base, out, "mor", seed, ABLATIONS[name][1], progress)
+            runs[(name, seed)] = out
         params[name] = trainable_parameters(out)
     return runs, params
 
@@ -291,7 +298,15 @@ def tables(cfg: StudyConfig, rows: list[dict]) -> dict:
                   "minus_mor": compare(rows, first, name, "mor", HEAVY),
                   "minus_lora": compare(rows, first, name, "lora", HEAVY),
                   "minus_base": compare(rows, first, name, "base", HEAVY)} for name in cfg.ablations]
+    confirmed = None
+    if cfg.confirm:
+        confirmed = {"name": cfg.confirm, "change": ABLATIONS[cfg.confirm][0],
+                     "heavy": {b: compare(rows, cfg.seeds, cfg.confirm, b, HEAVY) for b in ("base", "mor", "lora")},
+                     "per_family": [{"family": family, "minus_lora": compare(rows, cfg.seeds, cfg.confirm, "lora",
+                                                                             recipes)}
+                                    for family, recipes in FAMILIES.items()]}
     return {"per_recipe": per_recipe, "per_family": per_family, "adapted_minus_base_heavy": gains,
+            "confirmed": confirmed,
             "reference_minus_base_heavy": compare(rows, first, REFERENCE, "base", HEAVY),
             "ablations": ablations,
             "study_counts": all(g["mean"] >= MIN_GAIN_DB for g in gains.values())}
@@ -446,8 +461,8 @@ def report_lines(results: dict, command: str) -> list[str]:
              "## Did the adapters have something to learn?", "",
              "Adapted − base, Y-PSNR on the heavy set (" + ", ".join(results["heavy_recipes"]) + "):", ""]
     lines += [f"- {kind}: {_ci(g)} dB" for kind, g in gains.items()]
-    lines += [f"- for scale, `{REFERENCE}` (every weight trained end to end on the degradation mix, far longer) − "
-              f"base: {_ci(results['reference_minus_base_heavy'])} dB", "",
+    lines += [f"- for scale, `{REFERENCE}` (every weight trained end to end on the degradation mix, for several "
+              f"thousand steps) − base: {_ci(results['reference_minus_base_heavy'])} dB", "",
               "The study counts: " + ("yes" if results["study_counts"] else
                                       f"**no**: a gain under {MIN_GAIN_DB} dB on the heavy set, so the "
                                       "comparisons below are measured on adapters that learned little"),
@@ -481,6 +496,15 @@ def report_lines(results: dict, command: str) -> list[str]:
         lines += ["", "What the router sees: with the scores held at one vector for every input (the 1-bucket fold "
                   f"below), MoR scores {one['psnr_vs_hr']:.2f} dB against HR on the bucket curve's crops; with "
                   f"per-input gates, {one['continuous_psnr_vs_hr']:.2f} dB."]
+    confirmed = results.get("confirmed")
+    if confirmed:
+        name, heavy = confirmed["name"], confirmed["heavy"]
+        lines += ["", f"## {name} on every seed ({confirmed['change']})", "",
+                  f"Heavy set: {name} − base {_ci(heavy['base'])} dB, − MoR {_ci(heavy['mor'])} dB, − LoRA "
+                  f"{_ci(heavy['lora'])} dB (95 % CI over images x seeds x recipes).", "",
+                  f"| family | {name} − LoRA (dB) [95 % CI] | n | verdict |", "|---|---|---:|---|"]
+        lines += [f"| {f['family']} | {_ci(f['minus_lora'])} | {f['minus_lora']['n']} | {f['minus_lora']['verdict']} |"
+                  for f in confirmed["per_family"]]
     lines += ["", "## Routing", "", "![heatmap](heatmap.png)", "",
               "| buckets | PSNR vs continuous (dB) | PSNR vs HR (dB) |", "|---:|---:|---:|"]
     lines += [f"| {r['buckets']} | {r['psnr_vs_continuous']:.2f} | {r['psnr_vs_hr']:.2f} |"

@@ -40,6 +40,9 @@ from mordasr.runtime.cli_options import parse_list, verbosity
               help="Comma-separated MoR ablations, each trained on the first seed: "
                    + "; ".join(f"{name}: {change}" for name, (change, _) in ABLATIONS.items())
                    + ". An empty string trains none.")
+@click.option("--confirm", default=None,
+              help="One of the --ablations to train on every seed too and compare with LoRA like MoR (for an "
+                   "ablation that beat both on the first seed).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Adapter crops per step.")
 @click.option("--crop", type=click.IntRange(min=16), default=64, show_default=True, help="Adapter HR crop side, px.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
@@ -48,9 +51,8 @@ from mordasr.runtime.cli_options import parse_list, verbosity
               help="Interleaved rounds for the latency ratios.")
 @verbosity
 def main(out_dir: Path, work: Path, data: Path, eval_data: Path, eval_limit: int, eval_crop: int,
-         base_vae_steps: int, base_sr_steps: int, steps: int, seeds: str, adapters: str, ablations: str, batch: int,
-         crop: int,
-         precision: str, rounds: int, quiet: bool) -> None:
+         base_vae_steps: int, base_sr_steps: int, steps: int, seeds: str, adapters: str, ablations: str,
+         confirm: str | None, batch: int, crop: int, precision: str, rounds: int, quiet: bool) -> None:
     """MoR against dense LoRA (and AdaptIR) on a base trained on clean inputs only: per family
     and severity with 95 % intervals over images x seeds, a routing heatmap, the bucket-count
     curve and the latency ratios. Hours on 2 CPU cores; resumable.
@@ -68,7 +70,7 @@ def main(out_dir: Path, work: Path, data: Path, eval_data: Path, eval_limit: int
                           steps=steps, seeds=parse_list(seeds, "--seeds", int),
                           adapters=parse_list(adapters, "--adapters", choices=("mor", "lora", "adaptir")),
                           ablations=(parse_list(ablations, "--ablations", choices=tuple(ABLATIONS))
-                                     if ablations else ()),
+                                     if ablations else ()), confirm=confirm,
                           batch=batch, crop=crop, precision=precision, rounds=rounds)
         results = run_study(cfg, progress=(lambda _m: None) if quiet else
                             (lambda m: click.echo(f"study: {m}", err=True)))

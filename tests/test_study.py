@@ -53,6 +53,9 @@ def test_unknown_ablations_are_refused(tmp_path):
                       ablations=("mor-top4", "mor-top9"))
     with pytest.raises(MordasrError, match="unknown ablation 'mor-top9'"):
         cfg.validate()
+    cfg.ablations, cfg.confirm = ("mor-top4",), "mor-no-zero"
+    with pytest.raises(MordasrError, match="--confirm mor-no-zero: not among the --ablations"):
+        cfg.validate()
 
 
 def test_families_heavy_set_and_layer_groups():
@@ -82,7 +85,7 @@ def test_the_whole_study_runs_and_resumes(tmp_path):
     cfg = StudyConfig(out=tmp_path / "out", work=tmp_path / "work", data=tmp_path / "train",
                       eval_data=tmp_path / "val", eval_limit=2, eval_crop=64, base_vae_steps=2, base_sr_steps=2,
                       steps=2, seeds=(0, 1), adapters=("mor", "lora", "adaptir"), ablations=("mor-no-zero",),
-                      rounds=2)
+                      confirm="mor-no-zero", rounds=2)
     results = run_study(cfg)
     files = write_report(results, cfg.out, "mordasr-study ...")
     assert {f.name for f in files} == {"report.md", "report.html", "results.json"}
@@ -96,8 +99,11 @@ def test_the_whole_study_runs_and_resumes(tmp_path):
     assert [a["name"] for a in results["ablations"]] == ["mor-no-zero"]
     assert results["ablations"][0]["minus_mor"]["n"] == 2 * len(HEAVY)  # 2 images x the heavy recipes, one seed
     assert "## Ablations" in files[0].read_text() and "tiny" in results["per_recipe"][0]["psnr_y"]
+    confirmed = results["confirmed"]
+    assert confirmed["name"] == "mor-no-zero" and confirmed["heavy"]["lora"]["n"] == 2 * 2 * len(HEAVY)
+    assert "## mor-no-zero on every seed" in files[0].read_text()
     stamps = {f.name: f.stat().st_mtime for f in (cfg.work / "evaluation").iterdir()}
-    assert set(stamps) == {"base.json", "tiny.json", "mor-no-zero-s0.json"} | {
+    assert set(stamps) == {"base.json", "tiny.json", "mor-no-zero-s0.json", "mor-no-zero-s1.json"} | {
         f"{k}-s{s}.json" for k in ("mor", "lora", "adaptir") for s in (0, 1)}
     run_study(cfg)  # everything reused
     assert {f.name: f.stat().st_mtime for f in (cfg.work / "evaluation").iterdir()} == stamps

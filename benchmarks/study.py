@@ -231,18 +231,17 @@ def evaluate_runs(cfg: StudyConfig, base: Path, runs: dict, images, progress) ->
     cache.mkdir(exist_ok=True)
     rows = []
     for label, path in specs.items():
-        file = cache / f"{label}.json"
+        file, checkpoint = cache / f"{label}.json", str(Path(path).resolve())
         if file.is_file():
             found = json.loads(file.read_text())
-            if (found.get("checkpoint") == str(Path(path).resolve()) and found["recipes"] == recipes
-                    and found["images"] == names):
+            if found.get("checkpoint") == checkpoint and found["recipes"] == recipes and found["images"] == names:
                 rows += found["rows"]
                 continue
         progress(f"evaluating {label} on {len(images)} held-out crops x {len(recipes)} recipes")
         result = evaluate([resolve_target(f"{label}={path}")], images, recipes)
         found_rows = [{k: r[k] for k in ("recipe", "image", "target", "psnr_y")} for r in result["per_image"]
                       if r["target"] == label or (label == "base" and r["target"] == "bicubic")]
-        atomic_write(file, json.dumps({"checkpoint": str(Path(path).resolve()), "recipes": recipes, "images": names,
+        atomic_write(file, json.dumps({"checkpoint": checkpoint, "recipes": recipes, "images": names,
                                        "rows": found_rows}) + "\n")
         rows += found_rows
     return rows
